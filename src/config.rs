@@ -1,0 +1,345 @@
+//! The settings of a running sidecar: the `proxy.toml` schema, its defaults and validation.
+//! A bad key or value stops start-up with a message that names the key and what is allowed.
+
+use serde::Deserialize;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Everything `proxy.toml` can set. Every field has a default, so an empty file is valid.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub upstream: UpstreamConfig,
+    pub listen: ListenConfig,
+    pub export: ExportConfig,
+    pub journal: JournalConfig,
+    pub changes: ChangesConfig,
+    pub server: ServerConfig,
+    pub log: LogConfig,
+}
+
+/// Where the dataset server is and how hard to press it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Base URL, `http://` and authority only (`http://127.0.0.1:3000`): a sidecar reaches
+    /// its dataset server over the pod's loopback, so TLS is not offered.
+    pub url: String,
+    /// Record fetches in flight per export; the ordered output waits on the slowest of them.
+    pub concurrency: usize,
+    pub connect_timeout_ms: u64,
+    /// Longest silence while waiting for a response head or the next body bytes.
+    pub idle_timeout_ms: u64,
+}
+
+/// The two listeners: public traffic and the loopback-only operator endpoints.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    pub public: SocketAddr,
+    pub internal: SocketAddr,
+}
+
+/// How export bodies are produced.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// Output is sent in chunks of about this size, so each record is not its own write.
+    pub chunk_bytes: usize,
+    /// A partly filled chunk is sent (and the compressor flushed) after this long without one,
+    /// so a slow export still shows progress.
+    pub flush_interval_ms: u64,
+}
+
+/// The version journal (used by pull-sync).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalConfig {
+    pub path: PathBuf,
+}
+
+/// How the sidecar learns that collections changed (used by sync and the change feed).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChangesConfig {
+    /// Standard Webhooks secret (`whsec_…`); empty accepts unsigned webhooks.
+    pub webhook_secret: String,
+    /// Seconds between listing re-reads for servers that send no webhooks; 0 disables.
+    pub poll_interval_seconds: u64,
+}
+
+/// Process-level settings of the proxy server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Worker threads of the public listener; 0 means one per CPU.
+    pub threads: usize,
+    /// Seconds running requests get to finish after SIGTERM.
+    pub grace_period_seconds: u64,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log collectors.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `export_sidecar=debug,info`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: "http://127.0.0.1:3000".into(),
+            concurrency: 32,
+            connect_timeout_ms: 5_000,
+            idle_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            public: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            internal: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        ExportConfig {
+            chunk_bytes: 64 * 1024,
+            flush_interval_ms: 200,
+        }
+    }
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig {
+            path: PathBuf::from("export-sidecar-journal.sqlite"),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            threads: 0,
+            grace_period_seconds: 30,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// A setting that cannot be used, with the key it belongs to.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("setting `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; the error names the offending key and line.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks what the types alone cannot; call after applying command-line overrides.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.upstream.target()?;
+        check_range("upstream.concurrency", self.upstream.concurrency, 1, 4096)?;
+        check_range(
+            "upstream.connect_timeout_ms",
+            self.upstream.connect_timeout_ms,
+            1,
+            600_000,
+        )?;
+        check_range(
+            "upstream.idle_timeout_ms",
+            self.upstream.idle_timeout_ms,
+            1,
+            3_600_000,
+        )?;
+        check_range("export.chunk_bytes", self.export.chunk_bytes, 512, 16 << 20)?;
+        check_range(
+            "export.flush_interval_ms",
+            self.export.flush_interval_ms,
+            1,
+            60_000,
+        )?;
+        check_range("server.threads", self.server.threads, 0, 1024)?;
+        check_range(
+            "server.grace_period_seconds",
+            self.server.grace_period_seconds,
+            0,
+            86_400,
+        )?;
+        if self.listen.public == self.listen.internal {
+            return Err(invalid("listen.internal", "must differ from listen.public"));
+        }
+        if self.journal.path.as_os_str().is_empty() {
+            return Err(invalid("journal.path", "must name a file"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", format!("not a log filter: {e}")))?;
+        Ok(())
+    }
+
+    pub fn threads(&self) -> usize {
+        match self.server.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+/// The upstream as the two clients need it: a base URL for reqwest, an address for pingora.
+#[derive(Debug, Clone)]
+pub struct UpstreamTarget {
+    /// `scheme://host:port` without a trailing slash; paths are appended to it.
+    pub base: String,
+    pub addr: SocketAddr,
+    pub host: String,
+}
+
+impl UpstreamConfig {
+    /// Parses and resolves `upstream.url`. Resolution happens once, at start-up.
+    pub fn target(&self) -> Result<UpstreamTarget, ConfigError> {
+        let url = url::Url::parse(&self.url)
+            .map_err(|e| invalid("upstream.url", format!("`{}` is not a URL: {e}", self.url)))?;
+        if url.scheme() != "http" {
+            return Err(invalid(
+                "upstream.url",
+                format!(
+                    "scheme `{}` is not supported: the dataset server is reached over plain http",
+                    url.scheme()
+                ),
+            ));
+        }
+        if url.path() != "/" || url.query().is_some() {
+            return Err(invalid(
+                "upstream.url",
+                "must be scheme://host[:port] with no path or query",
+            ));
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| invalid("upstream.url", "has no host"))?
+            .to_owned();
+        let port = url.port_or_known_default().unwrap_or(80);
+        let addr = (host.trim_matches(|c| c == '[' || c == ']'), port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .ok_or_else(|| invalid("upstream.url", format!("cannot resolve host `{host}`")))?;
+        let base = format!("{}://{}", url.scheme(), url.authority());
+        Ok(UpstreamTarget { base, addr, host })
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+fn check_range<T: PartialOrd + std::fmt::Display>(
+    key: &'static str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(key, format!("{value} is outside {min}..={max}")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = Config::parse("").expect("empty config parses");
+        assert_eq!(config.upstream.concurrency, 32);
+        assert_eq!(config.listen.internal.to_string(), "127.0.0.1:9090");
+        config.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[upstream]\nconcurency = 3\n").unwrap_err();
+        assert!(err.contains("concurency"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let mut config = Config::default();
+        config.upstream.concurrency = 0;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("upstream.concurrency"), "{err}");
+        config.upstream.concurrency = 4;
+        config.upstream.url = "http://127.0.0.1:3000/base".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("upstream.url"), "{err}");
+    }
+
+    #[test]
+    fn the_documented_file_is_the_default() {
+        let documented = Config::parse(include_str!("../proxy.toml")).expect("proxy.toml parses");
+        assert_eq!(
+            format!("{documented:?}"),
+            format!("{:?}", Config::default())
+        );
+    }
+}

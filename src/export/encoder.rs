@@ -1,0 +1,160 @@
+//! Framing of records in the three export encodings: CBOR sequence, one JSON object, JSON lines.
+//! Record values arrive as upstream CBOR bytes; CBOR output copies them, JSON output converts.
+
+use super::route::Encoding;
+use crate::codec::cbor::{self, CborError};
+use crate::codec::json::{write_json_string, JsonConverter, JsonStyle};
+
+/// Writes one export's records, in order, into caller-owned buffers.
+pub struct RecordEncoder {
+    encoding: Encoding,
+    /// Reused across records so steady-state conversion allocates nothing.
+    json: JsonConverter,
+    /// Records written so far; the JSON object needs it to place commas.
+    written: u64,
+}
+
+impl RecordEncoder {
+    pub fn new(encoding: Encoding) -> RecordEncoder {
+        RecordEncoder {
+            encoding,
+            json: JsonConverter::new(),
+            written: 0,
+        }
+    }
+
+    pub fn records_written(&self) -> u64 {
+        self.written
+    }
+
+    /// What comes before the first record.
+    pub fn begin(&mut self, out: &mut Vec<u8>) {
+        if self.encoding == Encoding::Json {
+            out.push(b'{');
+        }
+    }
+
+    /// Appends one record. `value` must be exactly one well-formed CBOR item; it is checked
+    /// here, and on error `out` may hold a partial record (the export is abandoned anyway).
+    pub fn record(&mut self, id: &str, value: &[u8], out: &mut Vec<u8>) -> Result<(), CborError> {
+        match self.encoding {
+            Encoding::Cbor => {
+                cbor::validate(value)?;
+                out.push(0x82);
+                write_cbor_text(id, out);
+                out.extend_from_slice(value);
+            }
+            Encoding::Json => {
+                if self.written > 0 {
+                    out.push(b',');
+                }
+                write_json_string(id, out);
+                out.push(b':');
+                self.json.convert(value, JsonStyle::Compact, out)?;
+            }
+            Encoding::JsonLines => {
+                out.push(b'[');
+                write_json_string(id, out);
+                out.push(b',');
+                self.json.convert(value, JsonStyle::Compact, out)?;
+                out.extend_from_slice(b"]\n");
+            }
+        }
+        self.written += 1;
+        Ok(())
+    }
+
+    /// What comes after the last record.
+    pub fn end(&mut self, out: &mut Vec<u8>) {
+        if self.encoding == Encoding::Json {
+            out.extend_from_slice(b"}\n");
+        }
+    }
+}
+
+/// A CBOR text string head (major type 3) followed by the text.
+fn write_cbor_text(text: &str, out: &mut Vec<u8>) {
+    let len = text.len() as u64;
+    const MAJOR_TEXT: u8 = 3 << 5;
+    match len {
+        0..=23 => out.push(MAJOR_TEXT | len as u8),
+        24..=0xff => out.extend_from_slice(&[MAJOR_TEXT | 24, len as u8]),
+        0x100..=0xffff => {
+            out.push(MAJOR_TEXT | 25);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        0x1_0000..=0xffff_ffff => {
+            out.push(MAJOR_TEXT | 26);
+            out.extend_from_slice(&(len as u32).to_be_bytes());
+        }
+        _ => {
+            out.push(MAJOR_TEXT | 27);
+            out.extend_from_slice(&len.to_be_bytes());
+        }
+    }
+    out.extend_from_slice(text.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn export(encoding: Encoding, records: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut encoder = RecordEncoder::new(encoding);
+        let mut out = Vec::new();
+        encoder.begin(&mut out);
+        for (id, value) in records {
+            encoder.record(id, value, &mut out).expect("valid record");
+        }
+        encoder.end(&mut out);
+        out
+    }
+
+    #[test]
+    fn cbor_text_heads_match_ciborium() {
+        for len in [0usize, 23, 24, 255, 256, 65_535, 65_536] {
+            let text = "x".repeat(len);
+            let mut ours = Vec::new();
+            write_cbor_text(&text, &mut ours);
+            let mut reference = Vec::new();
+            ciborium::into_writer(&text, &mut reference).expect("encode");
+            assert_eq!(ours, reference, "length {len}");
+        }
+    }
+
+    #[test]
+    fn cbor_sequence_copies_values_verbatim() {
+        // A value ciborium would re-encode differently (non-shortest integer head).
+        let value: &[u8] = &[0x18, 0x01];
+        let out = export(Encoding::Cbor, &[("a", value)]);
+        assert_eq!(out, [0x82, 0x61, b'a', 0x18, 0x01]);
+    }
+
+    #[test]
+    fn json_object_and_lines() {
+        let one: &[u8] = &[0x01];
+        let list: &[u8] = &[0x82, 0xf5, 0xf6];
+        assert_eq!(export(Encoding::Json, &[]), b"{}\n");
+        assert_eq!(
+            export(Encoding::Json, &[("a", one), ("b", list)]),
+            b"{\"a\":1,\"b\":[true,null]}\n"
+        );
+        assert_eq!(
+            export(Encoding::JsonLines, &[("a\u{2028}", one), ("b", list)]),
+            b"[\"a\\u2028\",1]\n[\"b\",[true,null]]\n"
+        );
+    }
+
+    #[test]
+    fn malformed_value_is_refused_in_every_encoding() {
+        for encoding in [Encoding::Cbor, Encoding::Json, Encoding::JsonLines] {
+            let mut encoder = RecordEncoder::new(encoding);
+            let mut out = Vec::new();
+            assert!(
+                encoder.record("a", &[0x82, 0x01], &mut out).is_err(),
+                "{encoding:?}"
+            );
+            assert_eq!(encoder.records_written(), 0);
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The `/export/...` API: routing an export request, reading the listing, and streaming the
+//! body from a per-export pipeline task to the client.
+
+pub mod body;
+pub mod encoder;
+pub mod records;
+pub mod response;
+pub mod route;
+
+use crate::collection::Collection;
+use crate::config::ExportConfig;
+use crate::error::ApiError;
+use crate::upstream::{Credentials, Upstream};
+use body::ContentCoding;
+use pingora::proxy::Session;
+use records::RecordExport;
+use response::{pump, send_error, streaming_head, PumpEnd};
+use route::{Encoding, ExportKind, Since};
+use std::time::Instant;
+
+/// What the log line of one export reports; filled in as the export goes.
+#[derive(Debug)]
+pub struct ExportLog {
+    pub collection: Option<Collection>,
+    pub encoding: &'static str,
+    pub records: u64,
+    pub started: Instant,
+    pub outcome: &'static str,
+    pub status: u16,
+}
+
+impl ExportLog {
+    pub fn new() -> ExportLog {
+        ExportLog {
+            collection: None,
+            encoding: "",
+            records: 0,
+            started: Instant::now(),
+            outcome: "failed",
+            status: 0,
+        }
+    }
+}
+
+impl Default for ExportLog {
+    fn default() -> Self {
+        ExportLog::new()
+    }
+}
+
+/// Serves export requests. One per process, shared by every request.
+pub struct Exporter {
+    pub upstream: Upstream,
+    pub config: ExportConfig,
+    /// Record fetches in flight per export.
+    pub concurrency: usize,
+}
+
+/// Aborts a pipeline task when the request handling that started it ends, however it ends,
+/// so a client that leaves stops every fetch it caused.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Exporter {
+    /// Answers one `/export/...` request completely. `Err` means the response was started and
+    /// must be aborted.
+    pub async fn serve(&self, session: &mut Session, log: &mut ExportLog) -> pingora::Result<()> {
+        let method = &session.req_header().method;
+        if method != http::Method::GET && method != http::Method::HEAD {
+            let error = ApiError::new(
+                405,
+                "method_not_allowed",
+                "exports are read with GET or HEAD",
+            )
+            .with_header("allow", "GET, HEAD");
+            return reject(session, log, &error).await;
+        }
+        let uri = &session.req_header().uri;
+        let request = match route::parse(uri.path(), uri.query()) {
+            Ok(request) => request,
+            Err(error) => return reject(session, log, &error).await,
+        };
+        log.collection = Some(request.collection.clone());
+        match request.kind {
+            ExportKind::Records { encoding, since } => {
+                self.records(session, log, request.collection, encoding, since)
+                    .await
+            }
+            ExportKind::Zip | ExportKind::EventStream => {
+                let error =
+                    ApiError::new(501, "not_implemented", "this export is not available yet");
+                reject(session, log, &error).await
+            }
+        }
+    }
+
+    async fn records(
+        &self,
+        session: &mut Session,
+        log: &mut ExportLog,
+        collection: Collection,
+        encoding: Encoding,
+        since: Option<Since>,
+    ) -> pingora::Result<()> {
+        log.encoding = encoding.as_str();
+        if since.is_some() {
+            return reject(session, log, &version_unknown()).await;
+        }
+        let credentials = Credentials::from_headers(&session.req_header().headers);
+        let listing = match self.upstream.listing(&collection, &credentials).await {
+            Ok(listing) => listing,
+            Err(e) => {
+                if e.is_refusal() {
+                    tracing::info!(collection = %collection, error = %e, "listing refused");
+                } else {
+                    tracing::warn!(collection = %collection, error = %e, "listing failed");
+                }
+                let error = e.to_api_error(&format!("the listing of {collection}"));
+                return reject(session, log, &error).await;
+            }
+        };
+        let accept = session.req_header().headers.get("accept-encoding");
+        let coding = ContentCoding::negotiate(accept.and_then(|v| v.to_str().ok()));
+        let mut head = streaming_head(session, encoding.content_type())?;
+        head.insert_header("x-version", listing.version.as_str())?;
+        head.insert_header("vary", "accept-encoding")?;
+        head.insert_header("cache-control", "no-cache")?;
+        if let Some(value) = coding.header_value() {
+            head.insert_header("content-encoding", value)?;
+        }
+        log.status = 200;
+        if session.req_header().method == http::Method::HEAD {
+            log.outcome = "complete";
+            return session.write_response_header(Box::new(head), true).await;
+        }
+        session.write_response_header(Box::new(head), false).await?;
+
+        let (rx, task) = RecordExport {
+            upstream: self.upstream.clone(),
+            collection,
+            credentials,
+            entries: listing.entries,
+            encoding,
+            coding,
+            concurrency: self.concurrency,
+            config: self.config.clone(),
+        }
+        .spawn();
+        let _guard = AbortOnDrop(task);
+        match pump(session, rx).await? {
+            PumpEnd::Complete { records } => {
+                log.records = records;
+                log.outcome = "complete";
+            }
+            PumpEnd::ClientGone => log.outcome = "client_gone",
+        }
+        Ok(())
+    }
+}
+
+/// Answers with a client-facing error and records it for the log line.
+async fn reject(
+    session: &mut Session,
+    log: &mut ExportLog,
+    error: &ApiError,
+) -> pingora::Result<()> {
+    log.status = error.status;
+    log.outcome = "rejected";
+    send_error(session, error).await
+}
+
+/// Pull-sync needs a version the sidecar still keeps; without one the only safe answer is a
+/// full export, or the client would keep records deleted since.
+fn version_unknown() -> ApiError {
+    ApiError::new(
+        410,
+        "version_unknown",
+        "this version is not known to the sidecar: download a full export (without after= or at=) \
+         and sync from its X-Version",
+    )
+}

@@ -1,0 +1,291 @@
+//! Turns an `/export/...` request line into what to export and how, or a client error.
+//! Names are split before they are percent-decoded, so an escaped `:` or `/` stays in its name.
+
+use crate::collection::{Collection, Realm};
+use crate::error::ApiError;
+use percent_encoding::percent_decode_str;
+
+/// The path prefix the sidecar answers itself; everything else is passed through.
+pub const PREFIX: &str = "/export/";
+
+/// Longest request path accepted; far above any real collection name.
+const MAX_PATH: usize = 8 * 1024;
+
+/// A parsed export request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportRequest {
+    pub collection: Collection,
+    pub kind: ExportKind,
+}
+
+/// What the client asked for under the collection's path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportKind {
+    Records {
+        encoding: Encoding,
+        since: Option<Since>,
+    },
+    Zip,
+    EventStream,
+}
+
+/// The three record encodings of a plain export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Cbor,
+    Json,
+    JsonLines,
+}
+
+impl Encoding {
+    fn parse(s: &str) -> Option<Encoding> {
+        match s {
+            "cbor" => Some(Encoding::Cbor),
+            "json" => Some(Encoding::Json),
+            "json-lines" => Some(Encoding::JsonLines),
+            _ => None,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Encoding::Cbor => "application/cbor-seq",
+            Encoding::Json => "application/json",
+            Encoding::JsonLines => "application/x-ndjson",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Cbor => "cbor",
+            Encoding::Json => "json",
+            Encoding::JsonLines => "json-lines",
+        }
+    }
+}
+
+/// A pull-sync starting point: changes after version V, or changes in and after V.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Since {
+    After(String),
+    At(String),
+}
+
+/// True when the sidecar answers this path itself.
+pub fn is_export_path(path: &str) -> bool {
+    path.starts_with(PREFIX) || path == "/export"
+}
+
+/// Parses the path (still percent-encoded) and the raw query string.
+pub fn parse(path: &str, query: Option<&str>) -> Result<ExportRequest, ApiError> {
+    if path.len() > MAX_PATH {
+        return Err(ApiError::new(
+            414,
+            "path_too_long",
+            "the request path is too long",
+        ));
+    }
+    let rest = path.strip_prefix(PREFIX).ok_or_else(usage_not_found)?;
+    let segments: Vec<&str> = rest.split('/').collect();
+    let (realm, owner_name, tail) = match segments.as_slice() {
+        [realm, owner_name] => (*realm, *owner_name, None),
+        [realm, owner_name, tail] => (*realm, *owner_name, Some(*tail)),
+        _ => return Err(usage_not_found()),
+    };
+    let realm = Realm::parse(&decode(realm, "realm")?).ok_or_else(|| {
+        ApiError::not_found("no such realm: use /export/datasets/… or /export/lenses/…")
+    })?;
+    let collection = parse_collection(realm, owner_name)?;
+    let params = QueryParams::parse(query.unwrap_or(""))?;
+    let kind = match tail {
+        None => ExportKind::Records {
+            encoding: params.encoding()?,
+            since: params.since()?,
+        },
+        Some("zip") => ExportKind::Zip,
+        Some("event-stream") => ExportKind::EventStream,
+        Some(_) => return Err(usage_not_found()),
+    };
+    Ok(ExportRequest { collection, kind })
+}
+
+fn usage_not_found() -> ApiError {
+    ApiError::not_found(
+        "export paths are /export/{datasets|lenses}/{user}:{name}[/zip|/event-stream]",
+    )
+}
+
+/// `user:name`, split at the first literal colon, then each half decoded.
+fn parse_collection(realm: Realm, owner_name: &str) -> Result<Collection, ApiError> {
+    let (user, name) = owner_name.split_once(':').ok_or_else(|| {
+        ApiError::bad_request("the collection must be written user:name (with a colon)")
+    })?;
+    let user = decode(user, "user")?;
+    let name = decode(name, "name")?;
+    if user.is_empty() || name.is_empty() {
+        return Err(ApiError::bad_request(
+            "both user and name must be non-empty in user:name",
+        ));
+    }
+    Ok(Collection { realm, user, name })
+}
+
+/// Percent-decodes one path part; it must be UTF-8 without NUL.
+fn decode(raw: &str, what: &str) -> Result<String, ApiError> {
+    if !well_formed_escapes(raw) {
+        return Err(ApiError::bad_request(format!(
+            "the {what} has a malformed %-escape"
+        )));
+    }
+    let text = percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| ApiError::bad_request(format!("the {what} is not UTF-8 once %-decoded")))?;
+    if text.contains('\0') {
+        return Err(ApiError::bad_request(format!(
+            "the {what} contains a NUL character"
+        )));
+    }
+    Ok(text.into_owned())
+}
+
+/// `percent_decode` passes a stray `%` through; the client almost surely meant something else.
+fn well_formed_escapes(raw: &str) -> bool {
+    let bytes = raw.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3);
+            if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                return false;
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    true
+}
+
+/// The query parameters an export understands; others are ignored (cache busters and the like).
+#[derive(Default)]
+struct QueryParams {
+    encoding: Option<String>,
+    after: Option<String>,
+    at: Option<String>,
+}
+
+impl QueryParams {
+    fn parse(query: &str) -> Result<QueryParams, ApiError> {
+        let mut params = QueryParams::default();
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            let slot = match key.as_ref() {
+                "encoding" => &mut params.encoding,
+                "after" => &mut params.after,
+                "at" => &mut params.at,
+                _ => continue,
+            };
+            if slot.is_some() {
+                return Err(ApiError::bad_request(format!(
+                    "`{key}` is given more than once"
+                )));
+            }
+            *slot = Some(value.into_owned());
+        }
+        Ok(params)
+    }
+
+    fn encoding(&self) -> Result<Encoding, ApiError> {
+        let value = self.encoding.as_deref().ok_or_else(|| {
+            ApiError::bad_request("add ?encoding=cbor, ?encoding=json or ?encoding=json-lines")
+        })?;
+        Encoding::parse(value).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "unknown encoding `{value}`: use cbor, json or json-lines"
+            ))
+        })
+    }
+
+    fn since(&self) -> Result<Option<Since>, ApiError> {
+        match (&self.after, &self.at) {
+            (Some(_), Some(_)) => Err(ApiError::bad_request("give either after= or at=, not both")),
+            (Some(v), None) => Ok(Some(Since::After(non_empty(v, "after")?))),
+            (None, Some(v)) => Ok(Some(Since::At(non_empty(v, "at")?))),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+fn non_empty(value: &str, key: &str) -> Result<String, ApiError> {
+    if value.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "{key}= needs a version from X-Version"
+        )));
+    }
+    Ok(value.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn records(path: &str, query: &str) -> Result<ExportRequest, ApiError> {
+        parse(path, Some(query))
+    }
+
+    #[test]
+    fn parses_a_plain_export() {
+        let r = records("/export/datasets/alice:birds", "encoding=json").expect("valid");
+        assert_eq!(r.collection.user, "alice");
+        assert_eq!(r.collection.name, "birds");
+        assert_eq!(
+            r.kind,
+            ExportKind::Records {
+                encoding: Encoding::Json,
+                since: None
+            }
+        );
+    }
+
+    #[test]
+    fn escaped_colon_and_slash_stay_in_their_name() {
+        let r = records("/export/lenses/a%3Ab:c%2Fd", "encoding=cbor").expect("valid");
+        assert_eq!(r.collection.user, "a:b");
+        assert_eq!(r.collection.name, "c/d");
+        assert_eq!(r.collection.listing_path(), "/lenses/a%3Ab:c%2Fd/records/");
+    }
+
+    #[test]
+    fn client_errors() {
+        let status = |p: &str, q: &str| records(p, q).unwrap_err().status;
+        assert_eq!(status("/export/things/a:b", "encoding=json"), 404);
+        assert_eq!(status("/export/datasets/ab", "encoding=json"), 400);
+        assert_eq!(status("/export/datasets/:b", "encoding=json"), 400);
+        assert_eq!(status("/export/datasets/a:b", ""), 400);
+        assert_eq!(status("/export/datasets/a:b", "encoding=xml"), 400);
+        assert_eq!(
+            status("/export/datasets/a:b", "encoding=json&after=1&at=2"),
+            400
+        );
+        assert_eq!(
+            status("/export/datasets/a:b", "encoding=json&encoding=cbor"),
+            400
+        );
+        assert_eq!(status("/export/datasets/a:b%zz", "encoding=json"), 400);
+        assert_eq!(status("/export/datasets/a:b%00", "encoding=json"), 400);
+        assert_eq!(status("/export/datasets/a:b%ff", "encoding=json"), 400);
+        assert_eq!(status("/export/datasets/a:b/c/d", "encoding=json"), 404);
+        assert_eq!(status("/export/datasets/a:b/other", ""), 404);
+    }
+
+    #[test]
+    fn zip_and_event_stream_need_no_encoding() {
+        assert_eq!(
+            records("/export/datasets/a:b/zip", "").expect("valid").kind,
+            ExportKind::Zip
+        );
+        let kind = records("/export/datasets/a:b/event-stream", "")
+            .expect("valid")
+            .kind;
+        assert_eq!(kind, ExportKind::EventStream);
+    }
+}

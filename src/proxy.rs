@@ -1,0 +1,138 @@
+//! The pingora `ProxyHttp` of the public listener: `/export/...` is answered by the exporter,
+//! every other request is passed to the dataset server unchanged.
+
+use crate::config::UpstreamTarget;
+use crate::error::ApiError;
+use crate::export::response::send_error;
+use crate::export::route::is_export_path;
+use crate::export::{ExportLog, Exporter};
+use async_trait::async_trait;
+use pingora::modules::http::HttpModules;
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType, Result};
+
+/// The public listener's behaviour. Built once; shared by every request.
+pub struct Sidecar {
+    pub exporter: Exporter,
+    pub target: UpstreamTarget,
+}
+
+/// Per-request state: present only for exports, whose log line is written at the end.
+#[derive(Default)]
+pub struct RequestCtx {
+    export: Option<ExportLog>,
+}
+
+#[async_trait]
+impl ProxyHttp for Sidecar {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    /// No response compression module: pingora's would hold back streamed bodies until their
+    /// end; exports compress themselves, pass-through keeps the upstream's coding.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if !is_export_path(session.req_header().uri.path()) {
+            return Ok(false);
+        }
+        let log = ctx.export.insert(ExportLog::new());
+        self.exporter.serve(session, log).await?;
+        Ok(true)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let peer = HttpPeer::new(self.target.addr, false, self.target.host.clone());
+        Ok(Box::new(peer))
+    }
+
+    /// Pass-through failures get a JSON body like every other error the sidecar answers.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let error = pass_through_error(e);
+        if let Some(error) = &error {
+            if session.response_written().is_none() {
+                // The connection is not reused after a failed proxy attempt: say so in the head.
+                session.set_keepalive(None);
+                if let Err(write_error) = send_error(session, error).await {
+                    tracing::debug!(error = %write_error, "could not send the error response");
+                }
+            }
+        }
+        FailToProxy {
+            error_code: error.map_or(0, |e| e.status),
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let Some(log) = &ctx.export else { return };
+        let collection = log
+            .collection
+            .as_ref()
+            .map(|c| c.to_string())
+            .unwrap_or_default();
+        let bytes = session.body_bytes_sent();
+        let duration_ms = log.started.elapsed().as_millis() as u64;
+        match e {
+            None => tracing::info!(
+                collection,
+                encoding = log.encoding,
+                status = log.status,
+                records = log.records,
+                bytes,
+                duration_ms,
+                outcome = log.outcome,
+                "export"
+            ),
+            Some(e) => tracing::warn!(
+                collection, encoding = log.encoding, status = log.status, records = log.records,
+                bytes, duration_ms, outcome = log.outcome, error = %e, "export"
+            ),
+        }
+    }
+}
+
+/// The client-facing error for a failed pass-through, or `None` when the client is gone.
+fn pass_through_error(e: &Error) -> Option<ApiError> {
+    if let ErrorType::HTTPStatus(code) = e.etype() {
+        return Some(ApiError::new(*code, "error", e.to_string()));
+    }
+    match e.esource() {
+        ErrorSource::Upstream => Some(match e.etype() {
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                ApiError::new(
+                    504,
+                    "upstream_timeout",
+                    "the dataset server did not answer in time",
+                )
+            }
+            _ => ApiError::new(
+                502,
+                "upstream_unavailable",
+                "the dataset server cannot be reached",
+            ),
+        }),
+        ErrorSource::Downstream => match e.etype() {
+            ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => None,
+            _ => Some(ApiError::bad_request("the request could not be read")),
+        },
+        ErrorSource::Internal | ErrorSource::Unset => Some(ApiError::new(
+            500,
+            "internal_error",
+            "the sidecar failed; see its log",
+        )),
+    }
+}

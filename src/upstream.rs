@@ -1,0 +1,463 @@
+//! The dataset-server client: the listing (U1), one record (U2), one attachment (U3).
+//! One pooled HTTP client; the caller's credentials are forwarded on every request.
+
+use crate::collection::Collection;
+use crate::config::UpstreamConfig;
+use crate::error::ApiError;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+const CBOR: &str = "application/cbor";
+
+/// The caller's credentials, forwarded untouched so the dataset server alone decides access.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    pub authorization: Option<HeaderValue>,
+    pub cookie: Option<HeaderValue>,
+}
+
+impl Credentials {
+    pub fn from_headers(headers: &HeaderMap) -> Credentials {
+        Credentials {
+            authorization: headers.get(http::header::AUTHORIZATION).cloned(),
+            cookie: headers.get(http::header::COOKIE).cloned(),
+        }
+    }
+
+    fn apply(&self, headers: &mut HeaderMap) {
+        if let Some(value) = &self.authorization {
+            headers.insert(http::header::AUTHORIZATION, value.clone());
+        }
+        if let Some(value) = &self.cookie {
+            headers.insert(http::header::COOKIE, value.clone());
+        }
+    }
+}
+
+/// One record as the listing names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListingEntry {
+    pub id: String,
+    /// The record's version, as text (an integer version is written in decimal).
+    pub version: String,
+}
+
+/// A collection's listing: its version and its records in recordID byte order.
+#[derive(Clone, Debug)]
+pub struct Listing {
+    pub version: String,
+    pub entries: Vec<ListingEntry>,
+}
+
+/// Why the upstream could not answer; each becomes a client-facing status in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to the dataset server: {0}")]
+    Connect(String),
+    #[error("the dataset server did not answer in time")]
+    Timeout,
+    #[error("the dataset server answered {status}")]
+    Status {
+        status: StatusCode,
+        www_authenticate: Option<String>,
+    },
+    #[error("the dataset server sent an unusable answer: {0}")]
+    Protocol(String),
+}
+
+impl UpstreamError {
+    fn from_client(e: hyper_util::client::legacy::Error) -> UpstreamError {
+        if e.is_connect() {
+            UpstreamError::Connect(error_chain(&e))
+        } else {
+            UpstreamError::Protocol(error_chain(&e))
+        }
+    }
+
+    /// Worth one more try: the connection or the server failed, not the request.
+    fn is_transient(&self) -> bool {
+        match self {
+            UpstreamError::Connect(_) | UpstreamError::Timeout => true,
+            UpstreamError::Status { status, .. } => status.is_server_error(),
+            UpstreamError::Protocol(_) => false,
+        }
+    }
+
+    /// The dataset server said no (401, 403, 404): the client's business, not a fault.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, UpstreamError::Status { status, .. } if matches!(status.as_u16(), 401 | 403 | 404))
+    }
+
+    /// The answer a client gets when this happens before the response head.
+    pub fn to_api_error(&self, what: &str) -> ApiError {
+        match self {
+            UpstreamError::Status {
+                status,
+                www_authenticate,
+            } => {
+                let (code, advice) = match status.as_u16() {
+                    401 => (
+                        "unauthorized",
+                        "send credentials the dataset server accepts",
+                    ),
+                    403 => ("forbidden", "these credentials may not read it"),
+                    404 => ("not_found", "check the realm, user and name"),
+                    _ => ("upstream_error", "try again later"),
+                };
+                let client_status = match status.as_u16() {
+                    s @ (401 | 403 | 404) => s,
+                    _ => 502,
+                };
+                let e = ApiError::new(
+                    client_status,
+                    code,
+                    format!("the dataset server answered {status} for {what}: {advice}"),
+                );
+                match www_authenticate {
+                    Some(value) => e.with_header("www-authenticate", value.clone()),
+                    None => e,
+                }
+            }
+            UpstreamError::Timeout => ApiError::new(
+                504,
+                "upstream_timeout",
+                format!("the dataset server did not answer in time for {what}; try again later"),
+            ),
+            UpstreamError::Connect(_) => ApiError::new(
+                502,
+                "upstream_unavailable",
+                format!("the dataset server cannot be reached for {what}; try again later"),
+            ),
+            UpstreamError::Protocol(detail) => ApiError::new(
+                502,
+                "upstream_invalid",
+                format!("the dataset server sent an unusable answer for {what}: {detail}"),
+            ),
+        }
+    }
+}
+
+/// The client's top-level message hides the cause ("client error (Connect)"); operators need it.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The shared client. Cheap to clone; all clones share one connection pool.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    /// `http://host:port`, prefixed to every path.
+    base: Arc<str>,
+    idle_timeout: Duration,
+}
+
+/// A response whose head has arrived; its body is read with the idle timeout.
+struct Answer {
+    head: http::response::Parts,
+    body: Incoming,
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> Result<Upstream, crate::config::ConfigError> {
+        let target = config.target()?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout()));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(config.concurrency * 2)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Ok(Upstream {
+            client,
+            base: Arc::from(target.base),
+            idle_timeout: config.idle_timeout(),
+        })
+    }
+
+    /// Sends a GET for `path` (already escaped) and waits for the response head.
+    async fn get(&self, path: &str, credentials: &Credentials) -> Result<Answer, UpstreamError> {
+        let uri: http::Uri = format!("{}{}", self.base, path)
+            .parse()
+            .map_err(|e| UpstreamError::Protocol(format!("cannot build the URL of {path}: {e}")))?;
+        let mut request = http::Request::get(uri)
+            .header(http::header::ACCEPT, CBOR)
+            .body(Empty::new())
+            .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+        credentials.apply(request.headers_mut());
+        let response = tokio::time::timeout(self.idle_timeout, self.client.request(request))
+            .await
+            .map_err(|_| UpstreamError::Timeout)?
+            .map_err(UpstreamError::from_client)?;
+        let (head, body) = response.into_parts();
+        Ok(Answer { head, body })
+    }
+
+    /// Reads a whole body, allowing at most the idle timeout between frames.
+    async fn read_body(&self, mut body: Incoming) -> Result<Bytes, UpstreamError> {
+        let mut collected = BytesMut::new();
+        loop {
+            let frame = tokio::time::timeout(self.idle_timeout, body.frame())
+                .await
+                .map_err(|_| UpstreamError::Timeout)?;
+            match frame {
+                None => return Ok(collected.freeze()),
+                Some(Err(e)) => return Err(UpstreamError::Protocol(error_chain(&e))),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        collected.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+
+    /// U1: the listing, sorted by recordID. 401/403/404 come back as `Status`.
+    pub async fn listing(
+        &self,
+        collection: &Collection,
+        credentials: &Credentials,
+    ) -> Result<Listing, UpstreamError> {
+        let answer = self.get(&collection.listing_path(), credentials).await?;
+        let answer = check_status(answer)?;
+        let version = header_text(&answer.head.headers, "x-version")
+            .ok_or_else(|| UpstreamError::Protocol("the listing has no X-Version header".into()))?;
+        let is_json = header_text(&answer.head.headers, "content-type")
+            .is_some_and(|t| t.starts_with("application/json"));
+        let body = self.read_body(answer.body).await?;
+        let entries = parse_listing(&body, is_json)?;
+        Ok(Listing { version, entries })
+    }
+
+    /// U2: one record's CBOR bytes, or `None` when the record is gone (404).
+    /// Transient failures are tried once more: one lost connection should not abort a long export.
+    pub async fn record(
+        &self,
+        collection: &Collection,
+        id: &str,
+        credentials: &Credentials,
+    ) -> Result<Option<Bytes>, UpstreamError> {
+        match self.record_once(collection, id, credentials).await {
+            Err(e) if e.is_transient() => self.record_once(collection, id, credentials).await,
+            other => other,
+        }
+    }
+
+    async fn record_once(
+        &self,
+        collection: &Collection,
+        id: &str,
+        credentials: &Credentials,
+    ) -> Result<Option<Bytes>, UpstreamError> {
+        let answer = self.get(&collection.record_path(id), credentials).await?;
+        if answer.head.status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let answer = check_status(answer)?;
+        self.read_body(answer.body).await.map(Some)
+    }
+}
+
+fn check_status(answer: Answer) -> Result<Answer, UpstreamError> {
+    let status = answer.head.status;
+    if status.is_success() {
+        return Ok(answer);
+    }
+    let www_authenticate = header_text(&answer.head.headers, "www-authenticate");
+    Err(UpstreamError::Status {
+        status,
+        www_authenticate,
+    })
+}
+
+fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Decodes a listing body (CBOR, or JSON when the server preferred it) and sorts it.
+pub fn parse_listing(body: &[u8], is_json: bool) -> Result<Vec<ListingEntry>, UpstreamError> {
+    let parsed: Result<ListingBody, String> = if is_json {
+        serde_json::from_slice(body).map_err(|e| e.to_string())
+    } else {
+        ciborium::de::from_reader(body).map_err(|e| e.to_string())
+    };
+    let mut entries = parsed
+        .map_err(|e| UpstreamError::Protocol(format!("the listing is not a map of records: {e}")))?
+        .0;
+    entries.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+    if let Some(pair) = entries.windows(2).find(|pair| pair[0].id == pair[1].id) {
+        return Err(UpstreamError::Protocol(format!(
+            "the listing names record {:?} twice",
+            pair[0].id
+        )));
+    }
+    if entries.first().is_some_and(|e| e.id.is_empty()) {
+        return Err(UpstreamError::Protocol(
+            "the listing holds a record with an empty ID, which no record URL can address".into(),
+        ));
+    }
+    Ok(entries)
+}
+
+/// The listing's wire form: a map recordID → `{version, …}`, decoded straight into entries
+/// (no intermediate tree: a listing can hold millions of records).
+struct ListingBody(Vec<ListingEntry>);
+
+impl<'de> Deserialize<'de> for ListingBody {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(ListingVisitor)
+    }
+}
+
+struct ListingVisitor;
+
+impl<'de> Visitor<'de> for ListingVisitor {
+    type Value = ListingBody;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a map of recordID to {version}")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ListingBody, A::Error> {
+        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(1 << 20));
+        while let Some(id) = map.next_key::<String>()? {
+            let meta: RecordMeta = map.next_value()?;
+            entries.push(ListingEntry {
+                id,
+                version: meta.version.0,
+            });
+        }
+        Ok(ListingBody(entries))
+    }
+}
+
+/// One listing value; fields other than `version` are ignored.
+#[derive(Deserialize)]
+struct RecordMeta {
+    version: VersionText,
+}
+
+/// A version as text, whether the server sent text or an integer.
+struct VersionText(String);
+
+impl<'de> Deserialize<'de> for VersionText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(VersionVisitor)
+    }
+}
+
+struct VersionVisitor;
+
+impl Visitor<'_> for VersionVisitor {
+    type Value = VersionText;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a version (text or integer)")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<VersionText, E> {
+        Ok(VersionText(v.to_owned()))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<VersionText, E> {
+        Ok(VersionText(v.to_string()))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<VersionText, E> {
+        Ok(VersionText(v.to_string()))
+    }
+
+    fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<VersionText, E> {
+        Ok(VersionText(v.to_string()))
+    }
+
+    fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<VersionText, E> {
+        Ok(VersionText(v.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cbor(value: &ciborium::Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::into_writer(value, &mut out).expect("encode");
+        out
+    }
+
+    fn entry(id: &str, version: ciborium::Value) -> (ciborium::Value, ciborium::Value) {
+        let meta = ciborium::Value::Map(vec![
+            ("version".into(), version),
+            ("hash".into(), ciborium::Value::Bytes(vec![1, 2])),
+        ]);
+        (id.into(), meta)
+    }
+
+    #[test]
+    fn listing_is_sorted_by_byte_order_and_versions_become_text() {
+        let body = cbor(&ciborium::Value::Map(vec![
+            entry("b", 7.into()),
+            entry("é", "x1".into()),
+            entry("B", 3.into()),
+        ]));
+        let entries = parse_listing(&body, false).expect("parses");
+        let ids: Vec<_> = entries
+            .iter()
+            .map(|e| (e.id.as_str(), e.version.as_str()))
+            .collect();
+        assert_eq!(ids, [("B", "3"), ("b", "7"), ("é", "x1")]);
+    }
+
+    #[test]
+    fn json_listing_parses_too() {
+        let entries = parse_listing(br#"{"a":{"version":"1"}}"#, true).expect("parses");
+        assert_eq!(
+            entries,
+            [ListingEntry {
+                id: "a".into(),
+                version: "1".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn not_a_map_is_a_protocol_error() {
+        let body = cbor(&ciborium::Value::Array(vec![]));
+        assert!(matches!(
+            parse_listing(&body, false),
+            Err(UpstreamError::Protocol(_))
+        ));
+        let body = cbor(&ciborium::Value::Map(vec![(1.into(), 2.into())]));
+        assert!(matches!(
+            parse_listing(&body, false),
+            Err(UpstreamError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn empty_record_id_is_refused() {
+        let body = cbor(&ciborium::Value::Map(vec![entry("", 1.into())]));
+        let err = parse_listing(&body, false).unwrap_err().to_string();
+        assert!(err.contains("empty ID"), "{err}");
+    }
+}

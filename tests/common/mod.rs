@@ -1,0 +1,268 @@
+//! Test harness: the reference dataset server in-process and the real sidecar binary in front
+//! of it, each on its own loopback port.
+
+#![allow(dead_code)]
+
+use export_sidecar::reference::{CollectionId, ReferenceConfig, ReferenceServer, Store};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running sidecar process; killed when dropped.
+pub struct Sidecar {
+    child: Child,
+    pub public: SocketAddr,
+    pub internal: SocketAddr,
+    pub log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Sidecar {
+    /// Starts the binary against `upstream` and waits until `/readyz` answers 200.
+    pub async fn start(upstream: &str) -> Sidecar {
+        Sidecar::start_with(upstream, &[]).await
+    }
+
+    pub async fn start_with(upstream: &str, extra: &[&str]) -> Sidecar {
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            match Sidecar::try_start(upstream, extra).await {
+                Ok(sidecar) => return sidecar,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("sidecar did not start: {last_error}");
+    }
+
+    async fn try_start(upstream: &str, extra: &[&str]) -> Result<Sidecar, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let (public, internal) = (free_port(), free_port());
+        let log_path = dir.path().join("sidecar.log");
+        let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
+        let child = Command::new(env!("CARGO_BIN_EXE_export-sidecar"))
+            .args(["run", "--upstream", upstream])
+            .args(["--listen", &public.to_string()])
+            .args(["--internal-listen", &internal.to_string()])
+            .arg("--journal")
+            .arg(dir.path().join("journal.sqlite"))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let mut sidecar = Sidecar {
+            child,
+            public,
+            internal,
+            log_path,
+            _dir: dir,
+        };
+        sidecar.wait_ready().await?;
+        Ok(sidecar)
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), String> {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("exited with {status}: {}", self.log()));
+            }
+            let ready = client
+                .get(format!("http://{}/readyz", self.internal))
+                .send()
+                .await;
+            if ready.is_ok_and(|r| r.status() == 200) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(format!("not ready after 30 s: {}", self.log()))
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.public, path)
+    }
+
+    pub fn internal_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.internal, path)
+    }
+
+    /// Everything the sidecar has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` (log lines are written after the response).
+    pub async fn wait_for_log(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+}
+
+/// A port that was free a moment ago (the sidecar binds it next; start-up retries on a race).
+pub fn free_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr")
+}
+
+/// The reference server plus a sidecar in front of it.
+pub struct Stack {
+    pub reference: ReferenceServer,
+    pub sidecar: Sidecar,
+    pub client: reqwest::Client,
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        let reference = ReferenceServer::start(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            ReferenceConfig::default(),
+        )
+        .await
+        .expect("reference server starts");
+        let sidecar = Sidecar::start(&reference.url()).await;
+        Stack {
+            reference,
+            sidecar,
+            client: client(),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        self.reference.store()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        self.sidecar.url(path)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request reaches the sidecar")
+    }
+}
+
+/// A client that does not decompress, so tests see exactly what was sent.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().build().expect("client")
+}
+
+pub fn collection(realm: &str, user: &str, name: &str) -> CollectionId {
+    CollectionId::new(realm, user, name)
+}
+
+/// CBOR bytes of a value.
+pub fn cbor(value: &ciborium::Value) -> bytes::Bytes {
+    let mut out = Vec::new();
+    ciborium::into_writer(value, &mut out).expect("encode");
+    bytes::Bytes::from(out)
+}
+
+/// The JSON error body every client-facing error carries.
+pub async fn error_body(response: reqwest::Response) -> (u16, String, String) {
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    assert_eq!(
+        content_type, "application/json",
+        "error {status} must be JSON"
+    );
+    let text = response.text().await.expect("error body");
+    let body: serde_json::Value = serde_json::from_str(&text).expect("error body is JSON");
+    let code = body["error"].as_str().expect("error code").to_owned();
+    let message = body["message"].as_str().expect("error message").to_owned();
+    assert!(!message.is_empty());
+    (status, code, message)
+}
+
+/// The SPEC's JSON mapping for the kinds of values these tests write, computed independently
+/// of the sidecar's converter (from ciborium's tree).
+pub fn expected_json(value: &ciborium::Value) -> serde_json::Value {
+    use ciborium::Value as C;
+    use serde_json::{json, Value as J};
+    match value {
+        C::Integer(i) => {
+            let n = i128::from(*i);
+            serde_json::from_str(&n.to_string()).expect("integer as JSON")
+        }
+        C::Float(f) if f.is_finite() => json!(f),
+        C::Float(f) if f.is_nan() => json!({"type": "constant", "data": "NaN"}),
+        C::Float(f) => {
+            json!({"type": "constant", "data": if *f > 0.0 { "infinity" } else { "-infinity" }})
+        }
+        C::Bytes(b) => json!({"type": "Buffer", "data": b}),
+        C::Text(t) => J::String(t.clone()),
+        C::Bool(b) => J::Bool(*b),
+        C::Null => J::Null,
+        C::Array(items) => J::Array(items.iter().map(expected_json).collect()),
+        C::Map(entries) => {
+            let keys: Vec<_> = entries.iter().filter_map(|(k, _)| k.as_text()).collect();
+            let distinct = keys.iter().collect::<std::collections::HashSet<_>>().len();
+            if keys.len() == entries.len() && distinct == keys.len() {
+                let mut object = serde_json::Map::new();
+                for (k, v) in entries {
+                    object.insert(k.as_text().unwrap_or_default().to_owned(), expected_json(v));
+                }
+                J::Object(object)
+            } else {
+                let pairs: Vec<J> = entries
+                    .iter()
+                    .map(|(k, v)| J::Array(vec![expected_json(k), expected_json(v)]))
+                    .collect();
+                json!({"type": "Map", "data": pairs})
+            }
+        }
+        C::Tag(1, inner) => match inner.as_ref() {
+            C::Integer(i) => json!({"type": "Date", "data": i128::from(*i) as i64 * 1000}),
+            other => panic!("tests only write integer epoch dates, not {other:?}"),
+        },
+        C::Tag(_, inner) => expected_json(inner),
+        other => panic!("tests do not write {other:?}"),
+    }
+}
+
+/// Reads a JSON object's entries in document order (serde_json's map would sort them).
+pub fn object_entries(text: &str) -> Vec<(String, serde_json::Value)> {
+    use serde::de::{Deserializer, MapAccess, Visitor};
+    struct Entries;
+    impl<'de> Visitor<'de> for Entries {
+        type Value = Vec<(String, serde_json::Value)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut entries = Vec::new();
+            while let Some(entry) = map.next_entry()? {
+                entries.push(entry);
+            }
+            Ok(entries)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    let entries = (&mut de).deserialize_map(Entries).expect("a JSON object");
+    de.end().expect("nothing after the object");
+    entries
+}
