@@ -1,17 +1,22 @@
-//! The internal listener: operator endpoints that must never be reachable from the public one.
-//! `/healthz` says the process is alive; `/readyz` says the public listener accepts connections.
+//! The internal listener: endpoints that must never be reachable from the public one —
+//! change webhooks, `/healthz` (process alive), `/readyz` (public listener accepting).
 
+use crate::changes::refresh::Refresher;
+use crate::changes::webhook::{Accepted, WebhookVerifier, MAX_BODY};
 use async_trait::async_trait;
 use http::{Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// Answers the internal listener's requests.
 pub struct Admin {
     /// The public listener, probed by `/readyz`: ready means a client can connect now.
     pub public: SocketAddr,
+    pub verifier: WebhookVerifier,
+    /// Re-reads a collection's listing after a webhook says it changed.
+    pub refresher: Refresher,
 }
 
 #[async_trait]
@@ -21,19 +26,46 @@ impl ServeHttp for Admin {
         match path.as_str() {
             "/healthz" => json(StatusCode::OK, r#"{"status":"alive"}"#),
             "/readyz" => self.readiness().await,
-            "/hooks/changes" => json(
-                StatusCode::NOT_IMPLEMENTED,
-                r#"{"error":"not_implemented","message":"webhooks are not handled yet"}"#,
-            ),
+            "/hooks/changes" => self.webhook(session).await,
             _ => json(
                 StatusCode::NOT_FOUND,
-                r#"{"error":"not_found","message":"internal endpoints are /healthz and /readyz"}"#,
+                r#"{"error":"not_found","message":"internal endpoints are POST /hooks/changes, /healthz and /readyz"}"#,
             ),
         }
     }
 }
 
 impl Admin {
+    /// `POST /hooks/changes`: verified, acknowledged at once, and the re-read left to run.
+    async fn webhook(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        if session.req_header().method != http::Method::POST {
+            return json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                r#"{"error":"method_not_allowed","message":"send webhooks with POST"}"#,
+            );
+        }
+        let Some(body) = read_limited(session, MAX_BODY).await else {
+            return json(
+                StatusCode::BAD_REQUEST,
+                r#"{"error":"body_unreadable","message":"the body could not be read or is over 64 KiB"}"#,
+            );
+        };
+        match self.verifier.check(&session.req_header().headers, &body, SystemTime::now()) {
+            Ok(Accepted::Notice(notice)) => {
+                tracing::debug!(collection = %notice.collection, version = ?notice.version, "webhook accepted");
+                self.refresher.request(notice.collection);
+                json(StatusCode::ACCEPTED, r#"{"status":"accepted"}"#)
+            }
+            Ok(Accepted::Replay) => json(StatusCode::ACCEPTED, r#"{"status":"duplicate"}"#),
+            Err(rejection) => {
+                tracing::warn!(reason = rejection.reason(), detail = %rejection, "webhook refused");
+                let body = serde_json::json!({"error": rejection.reason(), "message": rejection.to_string()});
+                let status = StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::BAD_REQUEST);
+                json(status, &body.to_string())
+            }
+        }
+    }
+
     async fn readiness(&self) -> Response<Vec<u8>> {
         let probe = tokio::time::timeout(
             Duration::from_secs(1),
@@ -50,12 +82,22 @@ impl Admin {
     }
 }
 
+/// The request body, or `None` if it cannot be read or is longer than `limit`.
+async fn read_limited(session: &mut ServerSession, limit: usize) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) if body.len() + chunk.len() <= limit => body.extend_from_slice(&chunk),
+            Ok(Some(_)) | Err(_) => return None,
+            Ok(None) => return Some(body),
+        }
+    }
+}
+
 /// A wildcard listen address cannot be connected to; its loopback twin can.
 fn loopback_for(addr: SocketAddr) -> SocketAddr {
     match addr {
-        SocketAddr::V4(a) if a.ip().is_unspecified() => {
-            SocketAddr::from(([127, 0, 0, 1], a.port()))
-        }
+        SocketAddr::V4(a) if a.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], a.port())),
         SocketAddr::V6(a) if a.ip().is_unspecified() => {
             SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
         }
@@ -67,10 +109,7 @@ fn json(status: StatusCode, body: &str) -> Response<Vec<u8>> {
     let mut response = Response::new(body.as_bytes().to_vec());
     *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert(
-        "content-type",
-        http::HeaderValue::from_static("application/json"),
-    );
+    headers.insert("content-type", http::HeaderValue::from_static("application/json"));
     headers.insert("content-length", http::HeaderValue::from(body.len()));
     headers.insert("cache-control", http::HeaderValue::from_static("no-store"));
     response

@@ -105,11 +105,7 @@ mod tests {
 
     #[test]
     fn record_path_escapes_every_part() {
-        let c = Collection {
-            realm: Realm::Lenses,
-            user: "a:b".into(),
-            name: "n/m".into(),
-        };
+        let c = Collection { realm: Realm::Lenses, user: "a:b".into(), name: "n/m".into() };
         assert_eq!(c.record_path(".."), "/lenses/a%3Ab:n%2Fm/records/%2E%2E");
         assert_eq!(c.to_string(), "lenses/a:b:n/m");
     }

@@ -52,21 +52,33 @@ pub struct ExportConfig {
     pub flush_interval_ms: u64,
 }
 
-/// The version journal (used by pull-sync).
+/// The version journal behind pull-sync: where it lives and how long versions are kept.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JournalConfig {
     pub path: PathBuf,
+    /// Versions older than this many days are forgotten (clients then get 410 and re-sync);
+    /// 0 keeps them forever. A collection's newest version is always kept.
+    pub max_age_days: u64,
+    /// At most this many versions are kept per collection; 0 means no limit.
+    pub max_versions: u64,
+    /// Seconds between pruning runs.
+    pub prune_interval_seconds: u64,
 }
 
-/// How the sidecar learns that collections changed (used by sync and the change feed).
-#[derive(Debug, Clone, Default, Deserialize)]
+/// How the sidecar learns that collections changed: webhooks and polling.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ChangesConfig {
     /// Standard Webhooks secret (`whsec_…`); empty accepts unsigned webhooks.
     pub webhook_secret: String,
     /// Seconds between listing re-reads for servers that send no webhooks; 0 disables.
     pub poll_interval_seconds: u64,
+    /// A collection exported within this many seconds is polled.
+    pub poll_recent_seconds: u64,
+    /// `Authorization` value for the sidecar's own listing re-reads (webhooks, polls), for
+    /// collections the dataset server protects; empty sends none. Never sent for clients.
+    pub upstream_authorization: String,
 }
 
 /// Process-level settings of the proxy server.
@@ -118,10 +130,7 @@ impl Default for ListenConfig {
 
 impl Default for ExportConfig {
     fn default() -> Self {
-        ExportConfig {
-            chunk_bytes: 64 * 1024,
-            flush_interval_ms: 200,
-        }
+        ExportConfig { chunk_bytes: 64 * 1024, flush_interval_ms: 200 }
     }
 }
 
@@ -129,25 +138,33 @@ impl Default for JournalConfig {
     fn default() -> Self {
         JournalConfig {
             path: PathBuf::from("export-sidecar-journal.sqlite"),
+            max_age_days: 30,
+            max_versions: 0,
+            prune_interval_seconds: 3600,
+        }
+    }
+}
+
+impl Default for ChangesConfig {
+    fn default() -> Self {
+        ChangesConfig {
+            webhook_secret: String::new(),
+            poll_interval_seconds: 0,
+            poll_recent_seconds: 600,
+            upstream_authorization: String::new(),
         }
     }
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig {
-            threads: 0,
-            grace_period_seconds: 30,
-        }
+        ServerConfig { threads: 0, grace_period_seconds: 30 }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Text,
-            level: "info".into(),
-        }
+        LogConfig { format: LogFormat::Text, level: "info".into() }
     }
 }
 
@@ -155,10 +172,7 @@ impl Default for LogConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("setting `{key}`: {message}")]
@@ -168,14 +182,10 @@ pub enum ConfigError {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let config = Config::parse(&text).map_err(|message| ConfigError::Parse {
-            path: path.to_owned(),
-            message,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config =
+            Config::parse(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })?;
         Ok(config)
     }
 
@@ -188,41 +198,37 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.upstream.target()?;
         check_range("upstream.concurrency", self.upstream.concurrency, 1, 4096)?;
-        check_range(
-            "upstream.connect_timeout_ms",
-            self.upstream.connect_timeout_ms,
-            1,
-            600_000,
-        )?;
-        check_range(
-            "upstream.idle_timeout_ms",
-            self.upstream.idle_timeout_ms,
-            1,
-            3_600_000,
-        )?;
+        check_range("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms, 1, 600_000)?;
+        check_range("upstream.idle_timeout_ms", self.upstream.idle_timeout_ms, 1, 3_600_000)?;
         check_range("export.chunk_bytes", self.export.chunk_bytes, 512, 16 << 20)?;
-        check_range(
-            "export.flush_interval_ms",
-            self.export.flush_interval_ms,
-            1,
-            60_000,
-        )?;
+        check_range("export.flush_interval_ms", self.export.flush_interval_ms, 1, 60_000)?;
         check_range("server.threads", self.server.threads, 0, 1024)?;
-        check_range(
-            "server.grace_period_seconds",
-            self.server.grace_period_seconds,
-            0,
-            86_400,
-        )?;
+        check_range("server.grace_period_seconds", self.server.grace_period_seconds, 0, 86_400)?;
         if self.listen.public == self.listen.internal {
             return Err(invalid("listen.internal", "must differ from listen.public"));
         }
         if self.journal.path.as_os_str().is_empty() {
             return Err(invalid("journal.path", "must name a file"));
         }
+        check_range("journal.max_age_days", self.journal.max_age_days, 0, 36_500)?;
+        check_range("journal.prune_interval_seconds", self.journal.prune_interval_seconds, 1, 604_800)?;
+        check_range("changes.poll_interval_seconds", self.changes.poll_interval_seconds, 0, 86_400)?;
+        check_range("changes.poll_recent_seconds", self.changes.poll_recent_seconds, 1, 604_800)?;
+        if http::HeaderValue::from_str(&self.changes.upstream_authorization).is_err() {
+            return Err(invalid("changes.upstream_authorization", "is not a valid header value"));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", format!("not a log filter: {e}")))?;
         Ok(())
+    }
+
+    /// How long journal versions are kept.
+    pub fn retention(&self) -> crate::journal::Retention {
+        let days = self.journal.max_age_days;
+        crate::journal::Retention {
+            max_age: (days > 0).then(|| Duration::from_secs(days * 86_400)),
+            max_versions: (self.journal.max_versions > 0).then_some(self.journal.max_versions as usize),
+        }
     }
 
     pub fn threads(&self) -> usize {
@@ -257,15 +263,9 @@ impl UpstreamConfig {
             ));
         }
         if url.path() != "/" || url.query().is_some() {
-            return Err(invalid(
-                "upstream.url",
-                "must be scheme://host[:port] with no path or query",
-            ));
+            return Err(invalid("upstream.url", "must be scheme://host[:port] with no path or query"));
         }
-        let host = url
-            .host_str()
-            .ok_or_else(|| invalid("upstream.url", "has no host"))?
-            .to_owned();
+        let host = url.host_str().ok_or_else(|| invalid("upstream.url", "has no host"))?.to_owned();
         let port = url.port_or_known_default().unwrap_or(80);
         let addr = (host.trim_matches(|c| c == '[' || c == ']'), port)
             .to_socket_addrs()
@@ -286,10 +286,7 @@ impl UpstreamConfig {
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        message: message.into(),
-    }
+    ConfigError::Invalid { key, message: message.into() }
 }
 
 fn check_range<T: PartialOrd + std::fmt::Display>(
@@ -337,9 +334,6 @@ mod tests {
     #[test]
     fn the_documented_file_is_the_default() {
         let documented = Config::parse(include_str!("../proxy.toml")).expect("proxy.toml parses");
-        assert_eq!(
-            format!("{documented:?}"),
-            format!("{:?}", Config::default())
-        );
+        assert_eq!(format!("{documented:?}"), format!("{:?}", Config::default()));
     }
 }

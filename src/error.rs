@@ -24,12 +24,7 @@ struct Body<'a> {
 
 impl ApiError {
     pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            headers: Vec::new(),
-        }
+        ApiError { status, code, message: message.into(), headers: Vec::new() }
     }
 
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -47,10 +42,7 @@ impl ApiError {
 
     /// The JSON body `{"error": code, "message": message}`.
     pub fn body(&self) -> Bytes {
-        let body = Body {
-            error: self.code,
-            message: &self.message,
-        };
+        let body = Body { error: self.code, message: &self.message };
         // Serializing two strings cannot fail.
         Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
     }

@@ -50,12 +50,7 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     journal: Option<PathBuf>,
     /// Standard Webhooks secret for incoming webhooks.
-    #[arg(
-        long,
-        value_name = "S",
-        env = "EXPORT_SIDECAR_WEBHOOK_SECRET",
-        hide_env_values = true
-    )]
+    #[arg(long, value_name = "S", env = "EXPORT_SIDECAR_WEBHOOK_SECRET", hide_env_values = true)]
     webhook_secret: Option<String>,
     /// Seconds between listing polls for servers without webhooks; 0 disables.
     #[arg(long, value_name = "SECONDS")]
@@ -139,10 +134,7 @@ fn demo(args: DemoArgs) -> Result<(), String> {
     init_logging(&config);
     let runtime = reference_runtime()?;
     let reference = runtime
-        .block_on(ReferenceServer::start(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            ReferenceConfig::default(),
-        ))
+        .block_on(ReferenceServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), ReferenceConfig::default()))
         .map_err(|e| format!("cannot start the reference server: {e}"))?;
     seed_demo(reference.store());
     config.upstream.url = reference.url();
@@ -180,10 +172,7 @@ fn reference(args: ReferenceArgs) -> Result<(), String> {
     init_logging(&Config::default());
     let runtime = reference_runtime()?;
     runtime.block_on(async {
-        let config = ReferenceConfig {
-            webhook_url: args.webhook_url,
-            webhook_secret: args.webhook_secret,
-        };
+        let config = ReferenceConfig { webhook_url: args.webhook_url, webhook_secret: args.webhook_secret };
         let server = ReferenceServer::start(args.listen, config)
             .await
             .map_err(|e| format!("cannot start the reference server on {}: {e}", args.listen))?;

@@ -45,22 +45,13 @@ impl ProxyHttp for Sidecar {
         Ok(true)
     }
 
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        _ctx: &mut RequestCtx,
-    ) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
         let peer = HttpPeer::new(self.target.addr, false, self.target.host.clone());
         Ok(Box::new(peer))
     }
 
     /// Pass-through failures get a JSON body like every other error the sidecar answers.
-    async fn fail_to_proxy(
-        &self,
-        session: &mut Session,
-        e: &Error,
-        _ctx: &mut RequestCtx,
-    ) -> FailToProxy {
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut RequestCtx) -> FailToProxy {
         let error = pass_through_error(e);
         if let Some(error) = &error {
             if session.response_written().is_none() {
@@ -71,19 +62,12 @@ impl ProxyHttp for Sidecar {
                 }
             }
         }
-        FailToProxy {
-            error_code: error.map_or(0, |e| e.status),
-            can_reuse_downstream: false,
-        }
+        FailToProxy { error_code: error.map_or(0, |e| e.status), can_reuse_downstream: false }
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let Some(log) = &ctx.export else { return };
-        let collection = log
-            .collection
-            .as_ref()
-            .map(|c| c.to_string())
-            .unwrap_or_default();
+        let collection = log.collection.as_ref().map(|c| c.to_string()).unwrap_or_default();
         let bytes = session.body_bytes_sent();
         let duration_ms = log.started.elapsed().as_millis() as u64;
         match e {
@@ -113,26 +97,16 @@ fn pass_through_error(e: &Error) -> Option<ApiError> {
     match e.esource() {
         ErrorSource::Upstream => Some(match e.etype() {
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
-                ApiError::new(
-                    504,
-                    "upstream_timeout",
-                    "the dataset server did not answer in time",
-                )
+                ApiError::new(504, "upstream_timeout", "the dataset server did not answer in time")
             }
-            _ => ApiError::new(
-                502,
-                "upstream_unavailable",
-                "the dataset server cannot be reached",
-            ),
+            _ => ApiError::new(502, "upstream_unavailable", "the dataset server cannot be reached"),
         }),
         ErrorSource::Downstream => match e.etype() {
             ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => None,
             _ => Some(ApiError::bad_request("the request could not be read")),
         },
-        ErrorSource::Internal | ErrorSource::Unset => Some(ApiError::new(
-            500,
-            "internal_error",
-            "the sidecar failed; see its log",
-        )),
+        ErrorSource::Internal | ErrorSource::Unset => {
+            Some(ApiError::new(500, "internal_error", "the sidecar failed; see its log"))
+        }
     }
 }

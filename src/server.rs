@@ -2,19 +2,38 @@
 //! `run` blocks until a shutdown signal, as pingora's server owns its own runtimes.
 
 use crate::admin::Admin;
+use crate::changes::poller::{RecentExports, Upkeep};
+use crate::changes::refresh::Refresher;
+use crate::changes::webhook::WebhookVerifier;
 use crate::config::{Config, ConfigError};
 use crate::export::Exporter;
+use crate::journal::VersionJournal;
 use crate::proxy::Sidecar;
-use crate::upstream::Upstream;
+use crate::upstream::{Credentials, Upstream};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
+use pingora::services::background::background_service;
 use pingora::services::listening::Service;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Builds the server from a validated config; nothing listens until `run`.
 pub fn build(config: &Config) -> Result<Server, ConfigError> {
     let target = config.upstream.target()?;
+    let upstream = Upstream::new(&config.upstream)?;
+    let journal = VersionJournal::open(&config.journal.path).map_err(|e| ConfigError::Invalid {
+        key: "journal.path",
+        message: format!("cannot open {}: {e}", config.journal.path.display()),
+    })?;
+    let journal = Arc::new(journal);
+    let verifier = WebhookVerifier::new(Some(&config.changes.webhook_secret))
+        .map_err(|message| ConfigError::Invalid { key: "changes.webhook_secret", message })?;
+    let refresher = Refresher::new(upstream.clone(), Arc::clone(&journal), service_credentials(config));
+    let recent = Arc::new(RecentExports::default());
     let exporter = Exporter {
-        upstream: Upstream::new(&config.upstream)?,
+        upstream,
+        journal: Arc::clone(&journal),
+        recent: Arc::clone(&recent),
         config: config.export.clone(),
         concurrency: config.upstream.concurrency,
     };
@@ -34,18 +53,35 @@ pub fn build(config: &Config) -> Result<Server, ConfigError> {
     );
     proxy.add_tcp(&config.listen.public.to_string());
 
-    let mut admin = Service::new(
-        "internal".to_owned(),
-        Admin {
-            public: config.listen.public,
-        },
-    );
+    let admin = Admin { public: config.listen.public, verifier, refresher: refresher.clone() };
+    let mut admin = Service::new("internal".to_owned(), admin);
     admin.threads = Some(1);
     admin.add_tcp(&config.listen.internal.to_string());
 
+    let poll = config.changes.poll_interval_seconds;
+    let upkeep = Upkeep {
+        refresher,
+        recent,
+        journal,
+        retention: config.retention(),
+        poll_interval: (poll > 0).then(|| Duration::from_secs(poll)),
+        poll_window: Duration::from_secs(config.changes.poll_recent_seconds),
+        prune_interval: Duration::from_secs(config.journal.prune_interval_seconds),
+    };
+
     server.add_service(proxy);
     server.add_service(admin);
+    server.add_service(background_service("upkeep", upkeep));
     Ok(server)
+}
+
+/// Credentials for the sidecar's own re-reads; clients' credentials are never kept for this.
+fn service_credentials(config: &Config) -> Credentials {
+    let value = &config.changes.upstream_authorization;
+    Credentials {
+        authorization: (!value.is_empty()).then(|| http::HeaderValue::from_str(value).ok()).flatten(),
+        cookie: None,
+    }
 }
 
 /// Runs until SIGTERM (graceful) or SIGINT (immediate).

@@ -57,6 +57,9 @@ pub struct ListingEntry {
 pub struct Listing {
     pub version: String,
     pub entries: Vec<ListingEntry>,
+    /// U1's `ETag`, if it sent one: a later poll sends it back so an unchanged collection
+    /// costs a 304.
+    pub etag: Option<String>,
 }
 
 /// Why the upstream could not answer; each becomes a client-facing status in one place.
@@ -67,10 +70,7 @@ pub enum UpstreamError {
     #[error("the dataset server did not answer in time")]
     Timeout,
     #[error("the dataset server answered {status}")]
-    Status {
-        status: StatusCode,
-        www_authenticate: Option<String>,
-    },
+    Status { status: StatusCode, www_authenticate: Option<String> },
     #[error("the dataset server sent an unusable answer: {0}")]
     Protocol(String),
 }
@@ -101,15 +101,9 @@ impl UpstreamError {
     /// The answer a client gets when this happens before the response head.
     pub fn to_api_error(&self, what: &str) -> ApiError {
         match self {
-            UpstreamError::Status {
-                status,
-                www_authenticate,
-            } => {
+            UpstreamError::Status { status, www_authenticate } => {
                 let (code, advice) = match status.as_u16() {
-                    401 => (
-                        "unauthorized",
-                        "send credentials the dataset server accepts",
-                    ),
+                    401 => ("unauthorized", "send credentials the dataset server accepts"),
                     403 => ("forbidden", "these credentials may not read it"),
                     404 => ("not_found", "check the realm, user and name"),
                     _ => ("upstream_error", "try again later"),
@@ -184,15 +178,16 @@ impl Upstream {
             .pool_max_idle_per_host(config.concurrency * 2)
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
-        Ok(Upstream {
-            client,
-            base: Arc::from(target.base),
-            idle_timeout: config.idle_timeout(),
-        })
+        Ok(Upstream { client, base: Arc::from(target.base), idle_timeout: config.idle_timeout() })
     }
 
     /// Sends a GET for `path` (already escaped) and waits for the response head.
-    async fn get(&self, path: &str, credentials: &Credentials) -> Result<Answer, UpstreamError> {
+    async fn get(
+        &self,
+        path: &str,
+        credentials: &Credentials,
+        extra: HeaderMap,
+    ) -> Result<Answer, UpstreamError> {
         let uri: http::Uri = format!("{}{}", self.base, path)
             .parse()
             .map_err(|e| UpstreamError::Protocol(format!("cannot build the URL of {path}: {e}")))?;
@@ -200,6 +195,7 @@ impl Upstream {
             .header(http::header::ACCEPT, CBOR)
             .body(Empty::new())
             .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+        request.headers_mut().extend(extra);
         credentials.apply(request.headers_mut());
         let response = tokio::time::timeout(self.idle_timeout, self.client.request(request))
             .await
@@ -234,15 +230,35 @@ impl Upstream {
         collection: &Collection,
         credentials: &Credentials,
     ) -> Result<Listing, UpstreamError> {
-        let answer = self.get(&collection.listing_path(), credentials).await?;
+        self.listing_if_changed(collection, credentials, None)
+            .await?
+            .ok_or_else(|| UpstreamError::Protocol("a 304 answered an unconditional listing".into()))
+    }
+
+    /// U1 with `If-None-Match: etag`: `None` when the server says the listing is unchanged.
+    pub async fn listing_if_changed(
+        &self,
+        collection: &Collection,
+        credentials: &Credentials,
+        etag: Option<&str>,
+    ) -> Result<Option<Listing>, UpstreamError> {
+        let mut extra = HeaderMap::new();
+        if let Some(value) = etag.and_then(|e| HeaderValue::from_str(e).ok()) {
+            extra.insert(http::header::IF_NONE_MATCH, value);
+        }
+        let answer = self.get(&collection.listing_path(), credentials, extra).await?;
+        if answer.head.status == StatusCode::NOT_MODIFIED {
+            return Ok(None);
+        }
         let answer = check_status(answer)?;
         let version = header_text(&answer.head.headers, "x-version")
             .ok_or_else(|| UpstreamError::Protocol("the listing has no X-Version header".into()))?;
         let is_json = header_text(&answer.head.headers, "content-type")
             .is_some_and(|t| t.starts_with("application/json"));
+        let etag = header_text(&answer.head.headers, "etag");
         let body = self.read_body(answer.body).await?;
         let entries = parse_listing(&body, is_json)?;
-        Ok(Listing { version, entries })
+        Ok(Some(Listing { version, entries, etag }))
     }
 
     /// U2: one record's CBOR bytes, or `None` when the record is gone (404).
@@ -265,7 +281,7 @@ impl Upstream {
         id: &str,
         credentials: &Credentials,
     ) -> Result<Option<Bytes>, UpstreamError> {
-        let answer = self.get(&collection.record_path(id), credentials).await?;
+        let answer = self.get(&collection.record_path(id), credentials, HeaderMap::new()).await?;
         if answer.head.status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -280,17 +296,11 @@ fn check_status(answer: Answer) -> Result<Answer, UpstreamError> {
         return Ok(answer);
     }
     let www_authenticate = header_text(&answer.head.headers, "www-authenticate");
-    Err(UpstreamError::Status {
-        status,
-        www_authenticate,
-    })
+    Err(UpstreamError::Status { status, www_authenticate })
 }
 
 fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
 /// Decodes a listing body (CBOR, or JSON when the server preferred it) and sorts it.
@@ -300,15 +310,11 @@ pub fn parse_listing(body: &[u8], is_json: bool) -> Result<Vec<ListingEntry>, Up
     } else {
         ciborium::de::from_reader(body).map_err(|e| e.to_string())
     };
-    let mut entries = parsed
-        .map_err(|e| UpstreamError::Protocol(format!("the listing is not a map of records: {e}")))?
-        .0;
+    let mut entries =
+        parsed.map_err(|e| UpstreamError::Protocol(format!("the listing is not a map of records: {e}")))?.0;
     entries.sort_unstable_by(|a, b| a.id.cmp(&b.id));
     if let Some(pair) = entries.windows(2).find(|pair| pair[0].id == pair[1].id) {
-        return Err(UpstreamError::Protocol(format!(
-            "the listing names record {:?} twice",
-            pair[0].id
-        )));
+        return Err(UpstreamError::Protocol(format!("the listing names record {:?} twice", pair[0].id)));
     }
     if entries.first().is_some_and(|e| e.id.is_empty()) {
         return Err(UpstreamError::Protocol(
@@ -341,10 +347,7 @@ impl<'de> Visitor<'de> for ListingVisitor {
         let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(1 << 20));
         while let Some(id) = map.next_key::<String>()? {
             let meta: RecordMeta = map.next_value()?;
-            entries.push(ListingEntry {
-                id,
-                version: meta.version.0,
-            });
+            entries.push(ListingEntry { id, version: meta.version.0 });
         }
         Ok(ListingBody(entries))
     }
@@ -421,37 +424,22 @@ mod tests {
             entry("B", 3.into()),
         ]));
         let entries = parse_listing(&body, false).expect("parses");
-        let ids: Vec<_> = entries
-            .iter()
-            .map(|e| (e.id.as_str(), e.version.as_str()))
-            .collect();
+        let ids: Vec<_> = entries.iter().map(|e| (e.id.as_str(), e.version.as_str())).collect();
         assert_eq!(ids, [("B", "3"), ("b", "7"), ("é", "x1")]);
     }
 
     #[test]
     fn json_listing_parses_too() {
         let entries = parse_listing(br#"{"a":{"version":"1"}}"#, true).expect("parses");
-        assert_eq!(
-            entries,
-            [ListingEntry {
-                id: "a".into(),
-                version: "1".into()
-            }]
-        );
+        assert_eq!(entries, [ListingEntry { id: "a".into(), version: "1".into() }]);
     }
 
     #[test]
     fn not_a_map_is_a_protocol_error() {
         let body = cbor(&ciborium::Value::Array(vec![]));
-        assert!(matches!(
-            parse_listing(&body, false),
-            Err(UpstreamError::Protocol(_))
-        ));
+        assert!(matches!(parse_listing(&body, false), Err(UpstreamError::Protocol(_))));
         let body = cbor(&ciborium::Value::Map(vec![(1.into(), 2.into())]));
-        assert!(matches!(
-            parse_listing(&body, false),
-            Err(UpstreamError::Protocol(_))
-        ));
+        assert!(matches!(parse_listing(&body, false), Err(UpstreamError::Protocol(_))));
     }
 
     #[test]

@@ -6,10 +6,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use export_sidecar::codec::{validate, JsonConverter, JsonStyle};
 
-const FIXTURE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/cbor-to-json.jsonl"
-);
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/cbor-to-json.jsonl");
 
 #[test]
 fn every_vector_converts_as_specified() {
@@ -17,11 +14,7 @@ fn every_vector_converts_as_specified() {
     let mut converter = JsonConverter::new();
     let mut failures = Vec::new();
     let mut checked = 0;
-    for (line, text) in rows
-        .lines()
-        .enumerate()
-        .filter(|(_, text)| !text.trim().is_empty())
-    {
+    for (line, text) in rows.lines().enumerate().filter(|(_, text)| !text.trim().is_empty()) {
         let row = match Json::parse(text.as_bytes()) {
             Ok(row) => row,
             Err(e) => {
@@ -42,12 +35,7 @@ fn every_vector_converts_as_specified() {
         checked += 1;
     }
     assert!(checked > 0, "no vectors found in {FIXTURE}");
-    assert!(
-        failures.is_empty(),
-        "{} of {checked} vectors failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {checked} vectors failed:\n{}", failures.len(), failures.join("\n"));
 }
 
 fn check_row(row: &Json, converter: &mut JsonConverter) -> Result<(), String> {
@@ -67,15 +55,11 @@ fn check_row(row: &Json, converter: &mut JsonConverter) -> Result<(), String> {
             .map_err(|e| format!("{style:?}: conversion failed: {e}"))?;
         let json = &out[1..];
         let shown = String::from_utf8_lossy(json);
-        let actual =
-            Json::parse(json).map_err(|e| format!("{style:?}: not JSON ({e}): {shown}"))?;
+        let actual = Json::parse(json).map_err(|e| format!("{style:?}: not JSON ({e}): {shown}"))?;
         if !actual.same_as(expected) {
             return Err(format!("{style:?}: got {shown}, expected {expected:?}"));
         }
-        if ["\u{85}", "\u{2028}", "\u{2029}"]
-            .iter()
-            .any(|s| shown.contains(s))
-        {
+        if ["\u{85}", "\u{2028}", "\u{2029}"].iter().any(|s| shown.contains(s)) {
             return Err(format!("raw U+0085/U+2028/U+2029 in output: {shown:?}"));
         }
     }
@@ -87,14 +71,8 @@ fn check_rejected(cbor: &[u8], converter: &mut JsonConverter) -> Result<(), Stri
         return Err("validate accepted an invalid item".into());
     }
     let mut out = b"kept".to_vec();
-    if converter
-        .convert(cbor, JsonStyle::Compact, &mut out)
-        .is_ok()
-    {
-        return Err(format!(
-            "converted an invalid item to {}",
-            String::from_utf8_lossy(&out)
-        ));
+    if converter.convert(cbor, JsonStyle::Compact, &mut out).is_ok() {
+        return Err(format!("converted an invalid item to {}", String::from_utf8_lossy(&out)));
     }
     if out != b"kept" {
         return Err("a failed conversion left output behind".into());
@@ -143,10 +121,7 @@ impl Json {
 
     fn field(&self, name: &str) -> Option<&Json> {
         match self {
-            Json::Object(pairs) => pairs
-                .iter()
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| value),
+            Json::Object(pairs) => pairs.iter().find(|(key, _)| key == name).map(|(_, value)| value),
             _ => None,
         }
     }
@@ -159,10 +134,7 @@ impl Json {
                 a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.same_as(y))
             }
             (Json::Object(a), Json::Object(b)) => {
-                a.len() == b.len()
-                    && a.iter()
-                        .zip(b)
-                        .all(|((ka, va), (kb, vb))| ka == kb && va.same_as(vb))
+                a.len() == b.len() && a.iter().zip(b).all(|((ka, va), (kb, vb))| ka == kb && va.same_as(vb))
             }
             _ => self == other,
         }
@@ -198,10 +170,7 @@ impl Parser<'_> {
 
     fn peek(&mut self) -> Result<u8, String> {
         self.skip_space();
-        self.text
-            .get(self.pos)
-            .copied()
-            .ok_or_else(|| "unexpected end of JSON".to_string())
+        self.text.get(self.pos).copied().ok_or_else(|| "unexpected end of JSON".to_string())
     }
 
     fn expect(&mut self, byte: u8) -> Result<(), String> {
@@ -316,10 +285,7 @@ impl Parser<'_> {
                 '"' => return String::from_utf16(&units).map_err(|e| e.to_string()),
                 '\\' => units.push(self.escape()?),
                 c if (c as u32) < 0x20 => {
-                    return Err(format!(
-                        "raw control character in string at byte {}",
-                        self.pos
-                    ))
+                    return Err(format!("raw control character in string at byte {}", self.pos))
                 }
                 c => units.extend(c.encode_utf16(&mut [0; 2]).iter()),
             }
@@ -339,10 +305,7 @@ impl Parser<'_> {
             b'r' => 0x0d,
             b't' => 0x09,
             b'u' => {
-                let digits = self
-                    .text
-                    .get(self.pos..self.pos + 4)
-                    .ok_or("short \\u escape")?;
+                let digits = self.text.get(self.pos..self.pos + 4).ok_or("short \\u escape")?;
                 self.pos += 4;
                 let digits = std::str::from_utf8(digits).map_err(|e| e.to_string())?;
                 u16::from_str_radix(digits, 16).map_err(|e| e.to_string())?

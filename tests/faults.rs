@@ -11,12 +11,7 @@ use std::time::{Duration, Instant};
 
 fn numbered(n: usize) -> Vec<(String, Option<bytes::Bytes>)> {
     (0..n)
-        .map(|i| {
-            (
-                format!("r{i:05}"),
-                Some(cbor(&Value::Text(format!("value {i} {}", "x".repeat(200))))),
-            )
-        })
+        .map(|i| (format!("r{i:05}"), Some(cbor(&Value::Text(format!("value {i} {}", "x".repeat(200)))))))
         .collect()
 }
 
@@ -26,25 +21,14 @@ async fn upstream_down_gives_502_json_and_the_sidecar_keeps_serving() {
     let sidecar = Sidecar::start(&format!("http://{dead}")).await;
     let client = common::client();
     for _ in 0..2 {
-        let export = client
-            .get(sidecar.url("/export/datasets/a:b?encoding=json"))
-            .send()
-            .await
-            .expect("answered");
+        let export =
+            client.get(sidecar.url("/export/datasets/a:b?encoding=json")).send().await.expect("answered");
         let (status, code, _) = error_body(export).await;
         assert_eq!((status, code.as_str()), (502, "upstream_unavailable"));
-        let passed = client
-            .get(sidecar.url("/datasets/a:b/records/"))
-            .send()
-            .await
-            .expect("answered");
+        let passed = client.get(sidecar.url("/datasets/a:b/records/")).send().await.expect("answered");
         assert_eq!(error_body(passed).await.0, 502);
     }
-    let health = client
-        .get(sidecar.internal_url("/healthz"))
-        .send()
-        .await
-        .expect("answered");
+    let health = client.get(sidecar.internal_url("/healthz")).send().await.expect("answered");
     assert_eq!(health.status(), 200);
 }
 
@@ -53,40 +37,16 @@ async fn malformed_record_aborts_the_body_and_is_logged() {
     let stack = Stack::start().await;
     let c = collection("datasets", "a", "broken");
     stack.store().write(&c, numbered(50));
-    stack
-        .store()
-        .put_raw(&c, "r00025", bytes::Bytes::from_static(&[0x82, 0x01]));
+    stack.store().put_raw(&c, "r00025", bytes::Bytes::from_static(&[0x82, 0x01]));
     for encoding in ["cbor", "json", "json-lines"] {
-        let response = stack
-            .get(&format!("/export/datasets/a:broken?encoding={encoding}"))
-            .await;
-        assert_eq!(
-            response.status(),
-            200,
-            "the head left before the bad record was reached"
-        );
-        assert!(
-            response.bytes().await.is_err(),
-            "{encoding}: the body must be aborted, not ended cleanly"
-        );
+        let response = stack.get(&format!("/export/datasets/a:broken?encoding={encoding}")).await;
+        assert_eq!(response.status(), 200, "the head left before the bad record was reached");
+        assert!(response.bytes().await.is_err(), "{encoding}: the body must be aborted, not ended cleanly");
     }
-    assert!(
-        stack.sidecar.wait_for_log("r00025").await,
-        "the log names the record: {}",
-        stack.sidecar.log()
-    );
-    assert!(
-        stack.sidecar.log().contains("datasets/a:broken"),
-        "the log names the collection"
-    );
+    assert!(stack.sidecar.wait_for_log("r00025").await, "the log names the record: {}", stack.sidecar.log());
+    assert!(stack.sidecar.log().contains("datasets/a:broken"), "the log names the collection");
     // Still serving.
-    assert_eq!(
-        stack
-            .get("/export/datasets/a:broken?encoding=json&x=1")
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(stack.get("/export/datasets/a:broken?encoding=json&x=1").await.status(), 200);
 }
 
 #[tokio::test]
@@ -94,22 +54,11 @@ async fn upstream_failure_mid_export_aborts_the_body() {
     let stack = Stack::start().await;
     let c = collection("datasets", "a", "flaky");
     stack.store().write(&c, numbered(40));
-    stack
-        .store()
-        .set_fault(&c, "r00030", Some(RecordFault::Status(500)));
-    let response = stack
-        .get("/export/datasets/a:flaky?encoding=json-lines")
-        .await;
+    stack.store().set_fault(&c, "r00030", Some(RecordFault::Status(500)));
+    let response = stack.get("/export/datasets/a:flaky?encoding=json-lines").await;
     assert_eq!(response.status(), 200);
-    assert!(
-        response.bytes().await.is_err(),
-        "a 500 on a record aborts the download"
-    );
-    assert!(
-        stack.sidecar.wait_for_log("r00030").await,
-        "{}",
-        stack.sidecar.log()
-    );
+    assert!(response.bytes().await.is_err(), "a 500 on a record aborts the download");
+    assert!(stack.sidecar.wait_for_log("r00030").await, "{}", stack.sidecar.log());
 }
 
 fn u2_requests(stack: &Stack, name: &str) -> usize {
@@ -130,13 +79,9 @@ async fn a_client_that_leaves_stops_the_fetches() {
     let ids: Vec<String> = records.iter().map(|(id, _)| id.clone()).collect();
     stack.store().write(&c, records);
     for id in &ids {
-        stack
-            .store()
-            .set_fault(&c, id, Some(RecordFault::Delay(Duration::from_millis(20))));
+        stack.store().set_fault(&c, id, Some(RecordFault::Delay(Duration::from_millis(20))));
     }
-    let response = stack
-        .get("/export/datasets/a:slow?encoding=json-lines")
-        .await;
+    let response = stack.get("/export/datasets/a:slow?encoding=json-lines").await;
     let mut body = response.bytes_stream();
     let first = body.next().await.expect("a first chunk").expect("readable");
     assert!(!first.is_empty());
@@ -150,11 +95,7 @@ async fn a_client_that_leaves_stops_the_fetches() {
         later <= after_leaving + 1,
         "fetches continued after the client left: {after_leaving} then {later}"
     );
-    assert!(
-        stack.sidecar.wait_for_log("client_gone").await,
-        "{}",
-        stack.sidecar.log()
-    );
+    assert!(stack.sidecar.wait_for_log("client_gone").await, "{}", stack.sidecar.log());
 }
 
 #[tokio::test]
@@ -162,15 +103,9 @@ async fn first_bytes_leave_before_the_last_record_is_fetched() {
     let stack = Stack::start().await;
     let c = collection("datasets", "a", "tail");
     stack.store().write(&c, numbered(100));
-    stack.store().set_fault(
-        &c,
-        "r00099",
-        Some(RecordFault::Delay(Duration::from_secs(4))),
-    );
+    stack.store().set_fault(&c, "r00099", Some(RecordFault::Delay(Duration::from_secs(4))));
     let started = Instant::now();
-    let response = stack
-        .get("/export/datasets/a:tail?encoding=json-lines")
-        .await;
+    let response = stack.get("/export/datasets/a:tail?encoding=json-lines").await;
     let mut body = response.bytes_stream();
     let first = body.next().await.expect("a first chunk").expect("readable");
     let first_at = started.elapsed();
@@ -180,14 +115,8 @@ async fn first_bytes_leave_before_the_last_record_is_fetched() {
         rest.extend_from_slice(&chunk.expect("complete"));
     }
     let text = String::from_utf8(rest).expect("utf-8");
-    assert!(
-        text.contains("\"r00099\""),
-        "the delayed record still arrives"
-    );
-    assert!(
-        first_at < Duration::from_secs(3),
-        "first chunk waited for the slow record: {first_at:?}"
-    );
+    assert!(text.contains("\"r00099\""), "the delayed record still arrives");
+    assert!(first_at < Duration::from_secs(3), "first chunk waited for the slow record: {first_at:?}");
 }
 
 #[tokio::test]
@@ -203,38 +132,15 @@ async fn credentials_are_forwarded_and_enforced() {
     let (status, code, _) = error_body(anonymous).await;
     assert_eq!((status, code.as_str()), (401, "unauthorized"));
 
-    let wrong = stack
-        .client
-        .get(stack.url(path))
-        .bearer_auth("guess")
-        .send()
-        .await
-        .expect("sent");
+    let wrong = stack.client.get(stack.url(path)).bearer_auth("guess").send().await.expect("sent");
     assert_eq!(error_body(wrong).await.0, 403);
 
-    let bearer = stack
-        .client
-        .get(stack.url(path))
-        .bearer_auth("s3cret")
-        .send()
-        .await
-        .expect("sent");
+    let bearer = stack.client.get(stack.url(path)).bearer_auth("s3cret").send().await.expect("sent");
     assert_eq!(bearer.status(), 200);
-    assert_eq!(
-        common::object_entries(&bearer.text().await.expect("body")).len(),
-        3
-    );
+    assert_eq!(common::object_entries(&bearer.text().await.expect("body")).len(), 3);
 
-    let cookie = stack
-        .client
-        .get(stack.url(path))
-        .header("cookie", "session=s3cret")
-        .send()
-        .await
-        .expect("sent");
+    let cookie =
+        stack.client.get(stack.url(path)).header("cookie", "session=s3cret").send().await.expect("sent");
     assert_eq!(cookie.status(), 200);
-    assert_eq!(
-        common::object_entries(&cookie.text().await.expect("body")).len(),
-        3
-    );
+    assert_eq!(common::object_entries(&cookie.text().await.expect("body")).len(), 3);
 }

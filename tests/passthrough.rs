@@ -7,16 +7,8 @@ use common::Stack;
 use futures::StreamExt;
 use serde_json::Value;
 
-async fn echo(
-    stack: &Stack,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<&'static [u8]>,
-) -> Value {
-    let mut request = stack
-        .client
-        .request(method, stack.url(path))
-        .header("x-custom", "kept");
+async fn echo(stack: &Stack, method: reqwest::Method, path: &str, body: Option<&'static [u8]>) -> Value {
+    let mut request = stack.client.request(method, stack.url(path)).header("x-custom", "kept");
     if let Some(body) = body {
         request = request.body(body);
     }
@@ -28,24 +20,11 @@ async fn echo(
 #[tokio::test]
 async fn methods_paths_queries_headers_and_bodies_pass_unchanged() {
     let stack = Stack::start().await;
-    for method in [
-        reqwest::Method::GET,
-        reqwest::Method::POST,
-        reqwest::Method::PUT,
-        reqwest::Method::DELETE,
-    ] {
-        let body: Option<&'static [u8]> = if method == reqwest::Method::GET {
-            None
-        } else {
-            Some(b"payload \x00\xff bytes")
-        };
-        let seen = echo(
-            &stack,
-            method.clone(),
-            "/debug/echo/a%2Fb/c?x=1&y=%20z&x=2",
-            body,
-        )
-        .await;
+    for method in [reqwest::Method::GET, reqwest::Method::POST, reqwest::Method::PUT, reqwest::Method::DELETE]
+    {
+        let body: Option<&'static [u8]> =
+            if method == reqwest::Method::GET { None } else { Some(b"payload \x00\xff bytes") };
+        let seen = echo(&stack, method.clone(), "/debug/echo/a%2Fb/c?x=1&y=%20z&x=2", body).await;
         assert_eq!(seen["method"], method.as_str());
         assert_eq!(seen["path"], "/debug/echo/a%2Fb/c", "{method}");
         assert_eq!(seen["query"], "x=1&y=%20z&x=2");
@@ -58,12 +37,8 @@ async fn methods_paths_queries_headers_and_bodies_pass_unchanged() {
 async fn status_codes_pass_unchanged() {
     let stack = Stack::start().await;
     for code in [200u16, 201, 204, 301, 400, 404, 418, 500, 503] {
-        let response = stack
-            .client
-            .get(stack.url(&format!("/debug/status/{code}")))
-            .send()
-            .await
-            .expect("sent");
+        let response =
+            stack.client.get(stack.url(&format!("/debug/status/{code}"))).send().await.expect("sent");
         assert_eq!(response.status().as_u16(), code);
     }
 }
@@ -72,12 +47,7 @@ async fn status_codes_pass_unchanged() {
 async fn head_and_large_streamed_bodies() {
     let stack = Stack::start().await;
     let size = 8 * 1024 * 1024;
-    let head = stack
-        .client
-        .head(stack.url(&format!("/debug/bytes/{size}")))
-        .send()
-        .await
-        .expect("sent");
+    let head = stack.client.head(stack.url(&format!("/debug/bytes/{size}"))).send().await.expect("sent");
     assert_eq!(head.status(), 200);
     assert!(head.bytes().await.expect("empty").is_empty());
 
@@ -97,10 +67,7 @@ async fn head_and_large_streamed_bodies() {
         received.extend_from_slice(&chunk.expect("chunk"));
     }
     assert_eq!(received.len(), size);
-    assert!(
-        received == direct.as_ref(),
-        "bytes differ from the upstream's"
-    );
+    assert!(received == direct.as_ref(), "bytes differ from the upstream's");
 }
 
 #[tokio::test]
@@ -125,30 +92,16 @@ async fn records_can_be_written_and_read_through_the_sidecar() {
         .await
         .expect("sent");
     assert!(put.status().is_success());
-    let delete = stack
-        .client
-        .delete(stack.url(&format!("{base}two")))
-        .send()
-        .await
-        .expect("sent");
+    let delete = stack.client.delete(stack.url(&format!("{base}two"))).send().await.expect("sent");
     assert!(delete.status().is_success());
-    let listing = stack
-        .client
-        .get(stack.url(base))
-        .header("accept", "application/json")
-        .send()
-        .await
-        .expect("sent");
+    let listing =
+        stack.client.get(stack.url(base)).header("accept", "application/json").send().await.expect("sent");
     assert_eq!(listing.headers()["x-version"], "3");
-    let listing: Value =
-        serde_json::from_slice(&listing.bytes().await.expect("body")).expect("json");
+    let listing: Value = serde_json::from_slice(&listing.bytes().await.expect("body")).expect("json");
     let mut ids: Vec<_> = listing.as_object().expect("map").keys().cloned().collect();
     ids.sort();
     assert_eq!(ids, ["one", "three"]);
     let export = stack.get("/export/datasets/dave:notes?encoding=json").await;
     assert_eq!(export.headers()["x-version"], "3");
-    assert_eq!(
-        export.text().await.expect("body"),
-        "{\"one\":{\"text\":\"hello\"},\"three\":3}\n"
-    );
+    assert_eq!(export.text().await.expect("body"), "{\"one\":{\"text\":\"hello\"},\"three\":3}\n");
 }

@@ -20,9 +20,7 @@ pub enum CborError {
     #[error("CBOR input is truncated: it ends before the item it starts is complete")]
     Truncated,
     /// A complete item is followed by more bytes; a record holds exactly one item.
-    #[error(
-        "CBOR input has trailing bytes after the first complete item; expected exactly one item"
-    )]
+    #[error("CBOR input has trailing bytes after the first complete item; expected exactly one item")]
     TrailingBytes,
     /// A text string (or a chunk of one) is not valid UTF-8.
     #[error("CBOR text string is not valid UTF-8")]
@@ -100,10 +98,7 @@ impl<'a> Iterator for Chunks<'a> {
     type Item = &'a [u8];
 
     fn next(&mut self) -> Option<&'a [u8]> {
-        let mut reader = Reader {
-            bytes: self.rest,
-            pos: 0,
-        };
+        let mut reader = Reader { bytes: self.rest, pos: 0 };
         let (Head::Bytes(Some(len)) | Head::Text(Some(len))) = reader.head().ok()? else {
             return None;
         };
@@ -179,9 +174,7 @@ pub fn walk<'a, V: Visitor<'a>>(
                 continue;
             }
             Head::Break if tagged => {
-                return Err(CborError::Malformed(
-                    "a tag is followed by a break instead of an item",
-                ))
+                return Err(CborError::Malformed("a tag is followed by a break instead of an item"))
             }
             Head::Break => close_indefinite(stack, visitor)?,
             head => start_item(&mut reader, head, stack, visitor)?,
@@ -250,11 +243,7 @@ fn open<'a, V: Visitor<'a>>(
 /// Where the next item goes, from the top of the stack.
 fn slot<F>(stack: &mut [Frame<F>]) -> Slot<'_, F> {
     match stack.last_mut() {
-        None => Slot {
-            role: Role::Top,
-            first: true,
-            parent: None,
-        },
+        None => Slot { role: Role::Top, first: true, parent: None },
         Some(frame) => Slot {
             role: match (frame.map, frame.key_next) {
                 (false, _) => Role::Element,
@@ -276,9 +265,7 @@ fn close_indefinite<'a, V: Visitor<'a>>(
     match stack.last() {
         Some(top) if top.indefinite && (!top.map || top.key_next) => {}
         Some(top) if top.indefinite => {
-            return Err(CborError::Malformed(
-                "a map ends after a key, without its value",
-            ))
+            return Err(CborError::Malformed("a map ends after a key, without its value"))
         }
         _ => {
             return Err(CborError::Malformed(
@@ -371,11 +358,7 @@ impl<'a> Reader<'a> {
             25 => Some(u64::from(u16::from_be_bytes(self.array()?))),
             26 => Some(u64::from(u32::from_be_bytes(self.array()?))),
             27 => Some(u64::from_be_bytes(self.array()?)),
-            28..=30 => {
-                return Err(CborError::Malformed(
-                    "reserved additional information value (28-30)",
-                ))
-            }
+            28..=30 => return Err(CborError::Malformed("reserved additional information value (28-30)")),
             _ => None,
         };
         match (major, arg) {
@@ -387,9 +370,7 @@ impl<'a> Reader<'a> {
             (5, len) => Ok(Head::Map(len)),
             (6, Some(n)) => Ok(Head::Tag(n)),
             (7, _) => simple_or_float(info, arg),
-            _ => Err(CborError::Malformed(
-                "an integer or tag has indefinite length",
-            )),
+            _ => Err(CborError::Malformed("an integer or tag has indefinite length")),
         }
     }
 
@@ -491,10 +472,7 @@ mod tests {
     use super::*;
 
     fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
 
     fn check(s: &str) -> Result<(), CborError> {
@@ -532,24 +510,15 @@ mod tests {
         for major in 0u8..8 {
             for info in 28u8..=30 {
                 let byte = major << 5 | info;
-                assert!(
-                    matches!(validate(&[byte]), Err(CborError::Malformed(_))),
-                    "{byte:#x}"
-                );
+                assert!(matches!(validate(&[byte]), Err(CborError::Malformed(_))), "{byte:#x}");
             }
         }
     }
 
     #[test]
     fn rejects_misplaced_indefinite_lengths_and_breaks() {
-        for bad in [
-            "1f", "3f", "df", "ff", "8201ff", "a1ff", "bf01ff", "c1ff", "9fc0ff",
-        ] {
-            assert!(
-                matches!(check(bad), Err(CborError::Malformed(_))),
-                "{bad}: {:?}",
-                check(bad)
-            );
+        for bad in ["1f", "3f", "df", "ff", "8201ff", "a1ff", "bf01ff", "c1ff", "9fc0ff"] {
+            assert!(matches!(check(bad), Err(CborError::Malformed(_))), "{bad}: {:?}", check(bad));
         }
     }
 
@@ -570,12 +539,9 @@ mod tests {
 
     #[test]
     fn lengths_past_the_end_are_truncation_not_allocation() {
-        for bad in [
-            "5bffffffffffffffff",
-            "7b7fffffffffffffff00",
-            "9bffffffffffffffff",
-            "bbffffffffffffffff01",
-        ] {
+        for bad in
+            ["5bffffffffffffffff", "7b7fffffffffffffff00", "9bffffffffffffffff", "bbffffffffffffffff01"]
+        {
             assert!(matches!(check(bad), Err(CborError::Truncated)), "{bad}");
         }
     }
@@ -592,14 +558,8 @@ mod tests {
     fn depth_limit_is_exact_and_stack_safe() {
         let nested = |depth: usize| [vec![0x81; depth], vec![0x00]].concat();
         assert!(validate(&nested(MAX_DEPTH)).is_ok());
-        assert!(matches!(
-            validate(&nested(MAX_DEPTH + 1)),
-            Err(CborError::TooDeep)
-        ));
-        assert!(matches!(
-            validate(&nested(100_000)),
-            Err(CborError::TooDeep)
-        ));
+        assert!(matches!(validate(&nested(MAX_DEPTH + 1)), Err(CborError::TooDeep)));
+        assert!(matches!(validate(&nested(100_000)), Err(CborError::TooDeep)));
         let tags = [vec![0xc6; 100_000], vec![0x00]].concat();
         assert!(validate(&tags).is_ok());
     }
@@ -616,10 +576,7 @@ mod tests {
     #[test]
     fn chunks_read_back_every_piece() {
         let bytes = hex("5f42010243030405ff");
-        let mut reader = Reader {
-            bytes: &bytes,
-            pos: 1,
-        };
+        let mut reader = Reader { bytes: &bytes, pos: 1 };
         let chunks = reader.chunks(false).unwrap();
         let pieces: Vec<&[u8]> = Str::Chunked(chunks).into_iter().collect();
         assert_eq!(pieces, [&[1u8, 2][..], &[3, 4, 5][..]]);

@@ -42,12 +42,7 @@ impl JsonConverter {
 
     /// Appends the JSON form of the single CBOR item in `bytes` to `out`. On error, `out` is truncated back to its
     /// length at entry (nothing partial is left behind).
-    pub fn convert(
-        &mut self,
-        bytes: &[u8],
-        style: JsonStyle,
-        out: &mut Vec<u8>,
-    ) -> Result<(), CborError> {
+    pub fn convert(&mut self, bytes: &[u8], style: JsonStyle, out: &mut Vec<u8>) -> Result<(), CborError> {
         let start = out.len();
         out.reserve(bytes.len() + bytes.len() / 2);
         self.forms.clear();
@@ -165,10 +160,10 @@ static SUSPECT: [bool; 256] = {
 
 /// JSON escapes for U+0000..U+001F, short forms where JSON has them.
 static CONTROL_ESCAPES: [&[u8]; 32] = [
-    b"\\u0000", b"\\u0001", b"\\u0002", b"\\u0003", b"\\u0004", b"\\u0005", b"\\u0006", b"\\u0007",
-    b"\\b", b"\\t", b"\\n", b"\\u000b", b"\\f", b"\\r", b"\\u000e", b"\\u000f", b"\\u0010",
-    b"\\u0011", b"\\u0012", b"\\u0013", b"\\u0014", b"\\u0015", b"\\u0016", b"\\u0017", b"\\u0018",
-    b"\\u0019", b"\\u001a", b"\\u001b", b"\\u001c", b"\\u001d", b"\\u001e", b"\\u001f",
+    b"\\u0000", b"\\u0001", b"\\u0002", b"\\u0003", b"\\u0004", b"\\u0005", b"\\u0006", b"\\u0007", b"\\b",
+    b"\\t", b"\\n", b"\\u000b", b"\\f", b"\\r", b"\\u000e", b"\\u000f", b"\\u0010", b"\\u0011", b"\\u0012",
+    b"\\u0013", b"\\u0014", b"\\u0015", b"\\u0016", b"\\u0017", b"\\u0018", b"\\u0019", b"\\u001a",
+    b"\\u001b", b"\\u001c", b"\\u001d", b"\\u001e", b"\\u001f",
 ];
 
 /// Decimal text of every byte value (length first), so Buffer data is written without formatting.
@@ -219,17 +214,8 @@ struct KeyRef {
 
 impl KeyRef {
     fn new(from: usize, bytes: &[u8], joined: bool) -> Self {
-        let prefix = bytes
-            .iter()
-            .take(8)
-            .rev()
-            .fold(0, |acc, &b| acc << 8 | u64::from(b));
-        KeyRef {
-            from,
-            len: bytes.len(),
-            prefix,
-            joined,
-        }
+        let prefix = bytes.iter().take(8).rev().fold(0, |acc, &b| acc << 8 | u64::from(b));
+        KeyRef { from, len: bytes.len(), prefix, joined }
     }
 }
 
@@ -259,12 +245,7 @@ impl MapForms {
     }
 
     fn start(&mut self, map: usize) -> KeyCheck {
-        KeyCheck {
-            map,
-            keys_from: self.keys.len(),
-            joined_from: self.joined_keys.len(),
-            text_keys: true,
-        }
+        KeyCheck { map, keys_from: self.keys.len(), joined_from: self.joined_keys.len(), text_keys: true }
     }
 
     /// Notes one key of `check`'s map: `text` is its content when it is an untagged text string.
@@ -301,24 +282,17 @@ impl MapForms {
         let joined = &self.joined_keys;
         let bytes = |key: &KeyRef| {
             let source = if key.joined { joined } else { input };
-            source
-                .get(key.from..key.from.saturating_add(key.len))
-                .unwrap_or_default()
+            source.get(key.from..key.from.saturating_add(key.len)).unwrap_or_default()
         };
         let same = |a: &KeyRef, b: &KeyRef| {
             a.len == b.len && a.prefix == b.prefix && (a.len <= 8 || bytes(a) == bytes(b))
         };
         let keys = self.keys.get_mut(keys_from..).unwrap_or_default();
         if keys.len() <= 16 {
-            return keys
-                .iter()
-                .enumerate()
-                .all(|(i, a)| keys[i + 1..].iter().all(|b| !same(a, b)));
+            return keys.iter().enumerate().all(|(i, a)| keys[i + 1..].iter().all(|b| !same(a, b)));
         }
         keys.sort_unstable_by(|a, b| {
-            (a.len, a.prefix)
-                .cmp(&(b.len, b.prefix))
-                .then_with(|| bytes(a).cmp(bytes(b)))
+            (a.len, a.prefix).cmp(&(b.len, b.prefix)).then_with(|| bytes(a).cmp(bytes(b)))
         });
         keys.windows(2).all(|pair| !same(&pair[0], &pair[1]))
     }
@@ -425,16 +399,10 @@ impl<'a> Visitor<'a> for Writer<'_, 'a> {
         if typed || !self.forms.is_object(map) {
             self.wrapper_start("Map");
             self.open_json(b'[');
-            return Ok(Open {
-                form: Form::TypedMap,
-                keys,
-            });
+            return Ok(Open { form: Form::TypedMap, keys });
         }
         self.open_json(b'{');
-        Ok(Open {
-            form: Form::Object,
-            keys,
-        })
+        Ok(Open { form: Form::Object, keys })
     }
 
     fn close(&mut self, open: Open, empty: bool) {
@@ -531,8 +499,7 @@ impl Writer<'_, '_> {
             self.element(first);
             first = false;
             let decimal = &BYTE_DECIMALS[usize::from(*byte)];
-            self.out
-                .extend_from_slice(&decimal[1..=usize::from(decimal[0])]);
+            self.out.extend_from_slice(&decimal[1..=usize::from(decimal[0])]);
         }
         self.close_json(b']', first);
         self.close_json(b'}', false);
@@ -611,8 +578,7 @@ impl Writer<'_, '_> {
     }
 
     fn colon(&mut self) {
-        self.out
-            .extend_from_slice(if self.pretty { b": " } else { b":" });
+        self.out.extend_from_slice(if self.pretty { b": " } else { b":" });
     }
 }
 
@@ -646,18 +612,13 @@ fn rfc3339_ms(text: &[u8]) -> Option<i128> {
 
 /// Writes the decimal digits of a bignum: `magnitude` big-endian, negative meaning -1 - magnitude (tag 3).
 fn write_bignum(magnitude: &[u8], negative: bool, out: &mut Vec<u8>) -> Result<(), CborError> {
-    let significant = magnitude
-        .iter()
-        .position(|&b| b != 0)
-        .unwrap_or(magnitude.len());
+    let significant = magnitude.iter().position(|&b| b != 0).unwrap_or(magnitude.len());
     let magnitude = &magnitude[significant..];
     if negative {
         out.push(b'-');
     }
     if magnitude.len() <= 16 {
-        let n = magnitude
-            .iter()
-            .fold(0u128, |acc, &b| acc << 8 | u128::from(b));
+        let n = magnitude.iter().fold(0u128, |acc, &b| acc << 8 | u128::from(b));
         if let Some(n) = if negative { n.checked_add(1) } else { Some(n) } {
             out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
             return Ok(());
@@ -679,10 +640,7 @@ mod tests {
     use super::*;
 
     fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
 
     fn convert(bytes: &[u8], style: JsonStyle) -> Result<String, CborError> {
@@ -698,9 +656,7 @@ mod tests {
     #[test]
     fn pretty_matches_javascript_stringify() {
         // {"a": [1, {}], "b": [], "c": h'00ff', "d": {1: "x"}}
-        let value = hex("a4616182 01a0 616280 616342 00ff 6164 a1 01 6178"
-            .replace(' ', "")
-            .as_str());
+        let value = hex("a4616182 01a0 616280 616342 00ff 6164 a1 01 6178".replace(' ', "").as_str());
         let expected = "{\n  \"a\": [\n    1,\n    {}\n  ],\n  \"b\": [],\n  \"c\": {\n    \"type\": \"Buffer\",\n    \
                         \"data\": [\n      0,\n      255\n    ]\n  },\n  \"d\": {\n    \"type\": \"Map\",\n    \
                         \"data\": [\n      [\n        1,\n        \"x\"\n      ]\n    ]\n  }\n}";
@@ -720,44 +676,22 @@ mod tests {
         let mut converter = JsonConverter::new();
         let mut out = b"kept".to_vec();
         for bad in ["83616101", "a2616101616102ff", "8262c328", "820101ff"] {
-            assert!(
-                converter
-                    .convert(&hex(bad), JsonStyle::Pretty, &mut out)
-                    .is_err(),
-                "{bad}"
-            );
+            assert!(converter.convert(&hex(bad), JsonStyle::Pretty, &mut out).is_err(), "{bad}");
             assert_eq!(out, b"kept");
         }
-        converter
-            .convert(&hex("01"), JsonStyle::Compact, &mut out)
-            .unwrap();
+        converter.convert(&hex("01"), JsonStyle::Compact, &mut out).unwrap();
         assert_eq!(out, b"kept1");
     }
 
     #[test]
     fn repeated_or_non_text_keys_fall_back_to_typed_map() {
-        assert_eq!(
-            compact("a2616101616102"),
-            r#"{"type":"Map","data":[["a",1],["a",2]]}"#
-        );
-        assert_eq!(
-            compact("a261610101f5"),
-            r#"{"type":"Map","data":[["a",1],[1,true]]}"#
-        );
+        assert_eq!(compact("a2616101616102"), r#"{"type":"Map","data":[["a",1],["a",2]]}"#);
+        assert_eq!(compact("a261610101f5"), r#"{"type":"Map","data":[["a",1],[1,true]]}"#);
         // A tagged text key is not plain text: keep the map lossless.
-        assert_eq!(
-            compact("a1d820616101"),
-            r#"{"type":"Map","data":[["a",1]]}"#
-        );
+        assert_eq!(compact("a1d820616101"), r#"{"type":"Map","data":[["a",1]]}"#);
         // Only the map with the bad keys changes form, inside and around objects.
-        assert_eq!(
-            compact("a16178a2616101616102"),
-            r#"{"x":{"type":"Map","data":[["a",1],["a",2]]}}"#
-        );
-        assert_eq!(
-            compact("a1a1616101a1616202"),
-            r#"{"type":"Map","data":[[{"a":1},{"b":2}]]}"#
-        );
+        assert_eq!(compact("a16178a2616101616102"), r#"{"x":{"type":"Map","data":[["a",1],["a",2]]}}"#);
+        assert_eq!(compact("a1a1616101a1616202"), r#"{"type":"Map","data":[[{"a":1},{"b":2}]]}"#);
     }
 
     #[test]
@@ -775,10 +709,7 @@ mod tests {
         let mut repeated = distinct.clone();
         repeated[20] = b'z';
         let out = convert(&map(&repeated), JsonStyle::Compact).unwrap();
-        assert!(
-            out.starts_with(r#"{"type":"Map","data":[["z",0],["y",0]"#),
-            "{out}"
-        );
+        assert!(out.starts_with(r#"{"type":"Map","data":[["z",0],["y",0]"#), "{out}");
     }
 
     #[test]
@@ -805,10 +736,7 @@ mod tests {
 
     #[test]
     fn indefinite_text_keys_are_joined_before_comparing() {
-        assert_eq!(
-            compact("a27f616161626163ff017f6161ff02"),
-            r#"{"abc":1,"a":2}"#
-        );
+        assert_eq!(compact("a27f616161626163ff017f6161ff02"), r#"{"abc":1,"a":2}"#);
         assert_eq!(
             compact("a27f61616162ff01626162 02".replace(' ', "").as_str()),
             r#"{"type":"Map","data":[["ab",1],["ab",2]]}"#
@@ -830,28 +758,16 @@ mod tests {
     fn bignums_and_dates() {
         assert_eq!(compact("c240"), r#"{"type":"BigInteger","data":"0"}"#);
         assert_eq!(compact("c340"), r#"{"type":"BigInteger","data":"-1"}"#);
-        assert_eq!(
-            compact("c25f4101420000ff"),
-            r#"{"type":"BigInteger","data":"65536"}"#
-        );
+        assert_eq!(compact("c25f4101420000ff"), r#"{"type":"BigInteger","data":"65536"}"#);
         let max128 = format!("c350{}", "ff".repeat(16));
         assert_eq!(
             compact(&max128),
             r#"{"type":"BigInteger","data":"-340282366920938463463374607431768211456"}"#
         );
         let big = [vec![0xc2, 0x59, 0x10, 0x01, 0x01], vec![0; 4096]].concat();
-        assert!(matches!(
-            convert(&big, JsonStyle::Compact),
-            Err(CborError::BignumTooLarge(4097))
-        ));
-        assert_eq!(
-            compact("c13a0001869f"),
-            r#"{"type":"Date","data":-100000000}"#
-        );
-        assert_eq!(
-            compact("c1fbbff8000000000000"),
-            r#"{"type":"Date","data":-1500}"#
-        );
+        assert!(matches!(convert(&big, JsonStyle::Compact), Err(CborError::BignumTooLarge(4097))));
+        assert_eq!(compact("c13a0001869f"), r#"{"type":"Date","data":-100000000}"#);
+        assert_eq!(compact("c1fbbff8000000000000"), r#"{"type":"Date","data":-1500}"#);
         // 1969-12-31T23:59:59.9995Z: JavaScript keeps .999, one millisecond before the epoch.
         assert_eq!(
             compact("c07819313936392d31322d33315432333a35393a35392e393939355a"),
@@ -862,10 +778,7 @@ mod tests {
     #[test]
     fn escapes_what_json_and_line_splitters_need() {
         let mut out = Vec::new();
-        write_json_string(
-            "a\"b\\c\n\r\t\u{8}\u{c}\u{1}\u{7f}\u{85}\u{2028}\u{2029}é€🤟",
-            &mut out,
-        );
+        write_json_string("a\"b\\c\n\r\t\u{8}\u{c}\u{1}\u{7f}\u{85}\u{2028}\u{2029}é€🤟", &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "\"a\\\"b\\\\c\\n\\r\\t\\b\\f\\u0001\u{7f}\\u0085\\u2028\\u2029é€🤟\""
@@ -877,14 +790,9 @@ mod tests {
         let nested = |depth: usize| [vec![0x81; depth], vec![0x00]].concat();
         let out = convert(&nested(cbor::MAX_DEPTH), JsonStyle::Pretty).unwrap();
         assert_eq!(out.matches('[').count(), cbor::MAX_DEPTH);
-        assert!(matches!(
-            convert(&nested(100_000), JsonStyle::Compact),
-            Err(CborError::TooDeep)
-        ));
+        assert!(matches!(convert(&nested(100_000), JsonStyle::Compact), Err(CborError::TooDeep)));
         let maps = [[0xa1, 0x60].repeat(cbor::MAX_DEPTH), vec![0xf6]].concat();
-        assert!(convert(&maps, JsonStyle::Compact)
-            .unwrap()
-            .starts_with(r#"{"":{"":"#));
+        assert!(convert(&maps, JsonStyle::Compact).unwrap().starts_with(r#"{"":{"":"#));
     }
 
     #[test]
@@ -892,9 +800,7 @@ mod tests {
         let mut converter = JsonConverter::new();
         let mut out = Vec::new();
         for record in ["a2616101616102", "a1616101", "a10101", "a1616101"] {
-            converter
-                .convert(&hex(record), JsonStyle::Compact, &mut out)
-                .unwrap();
+            converter.convert(&hex(record), JsonStyle::Compact, &mut out).unwrap();
             out.push(b'\n');
         }
         assert_eq!(
@@ -914,12 +820,9 @@ mod tests {
     }
 
     fn random_text(next: &mut impl FnMut() -> u64) -> String {
-        const PIECES: [&str; 12] = [
-            "a", "key", " ", "\"", "\\", "\n", "\u{1}", "é", "\u{85}", "\u{2028}", "🤟", "\u{7f}",
-        ];
-        (0..next() % 6)
-            .map(|_| PIECES[(next() % 12) as usize])
-            .collect()
+        const PIECES: [&str; 12] =
+            ["a", "key", " ", "\"", "\\", "\n", "\u{1}", "é", "\u{85}", "\u{2028}", "🤟", "\u{7f}"];
+        (0..next() % 6).map(|_| PIECES[(next() % 12) as usize]).collect()
     }
 
     fn random_value(next: &mut impl FnMut() -> u64, depth: u32) -> serde_json::Value {
@@ -930,13 +833,9 @@ mod tests {
             2 => Value::from(next() as i64 >> (next() % 64)),
             3 => Value::from(f64::from_bits(next()) % 1e6),
             4 => Value::String(random_text(next)),
-            5 => (0..next() % 4)
-                .map(|_| random_value(next, depth - 1))
-                .collect(),
+            5 => (0..next() % 4).map(|_| random_value(next, depth - 1)).collect(),
             _ => Value::Object(
-                (0..next() % 4)
-                    .map(|_| (random_text(next), random_value(next, depth - 1)))
-                    .collect(),
+                (0..next() % 4).map(|_| (random_text(next), random_value(next, depth - 1))).collect(),
             ),
         }
     }
@@ -985,11 +884,7 @@ mod tests {
             }
             let mut out = Vec::new();
             let converted = converter.convert(&bytes, JsonStyle::Compact, &mut out);
-            assert_eq!(
-                converted.is_ok(),
-                cbor::validate(&bytes).is_ok(),
-                "{bytes:02x?}"
-            );
+            assert_eq!(converted.is_ok(), cbor::validate(&bytes).is_ok(), "{bytes:02x?}");
             if converted.is_ok() {
                 serde_json::from_slice::<serde_json::Value>(&out)
                     .unwrap_or_else(|e| panic!("{bytes:02x?} gave invalid JSON: {e}"));

@@ -56,10 +56,7 @@ impl ContentCoding {
 
 fn is_q_zero(param: &str) -> bool {
     let param = param.trim();
-    let Some(value) = param
-        .strip_prefix("q=")
-        .or_else(|| param.strip_prefix("Q="))
-    else {
+    let Some(value) = param.strip_prefix("q=").or_else(|| param.strip_prefix("Q=")) else {
         return false;
     };
     value.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
@@ -85,10 +82,7 @@ impl BodyEncoder {
             ContentCoding::Gzip => Coder::Gzip(GzipEncoder::new(Vec::new())),
             ContentCoding::Zstd => Coder::Zstd(ZstdEncoder::new(Vec::new())),
         };
-        BodyEncoder {
-            inner,
-            dirty: false,
-        }
+        BodyEncoder { inner, dirty: false }
     }
 
     /// True when a flush would send bytes the client has not seen.
@@ -166,11 +160,7 @@ mod tests {
     async fn gzip_flush_makes_everything_so_far_decodable() {
         use std::io::Read;
         let mut encoder = BodyEncoder::new(ContentCoding::Gzip);
-        let mut sent = encoder
-            .write(b"hello ".to_vec())
-            .await
-            .expect("write")
-            .to_vec();
+        let mut sent = encoder.write(b"hello ".to_vec()).await.expect("write").to_vec();
         sent.extend_from_slice(&encoder.flush().await.expect("flush"));
         let mut decoder = flate2::read::MultiGzDecoder::new(&sent[..]);
         let mut text = [0u8; 6];
@@ -179,9 +169,7 @@ mod tests {
         sent.extend_from_slice(&encoder.write(b"world".to_vec()).await.expect("write"));
         sent.extend_from_slice(&encoder.finish().await.expect("finish"));
         let mut all = String::new();
-        flate2::read::GzDecoder::new(&sent[..])
-            .read_to_string(&mut all)
-            .expect("decodes");
+        flate2::read::GzDecoder::new(&sent[..]).read_to_string(&mut all).expect("decodes");
         assert_eq!(all, "hello world");
     }
 }

@@ -16,11 +16,7 @@ pub struct RecordEncoder {
 
 impl RecordEncoder {
     pub fn new(encoding: Encoding) -> RecordEncoder {
-        RecordEncoder {
-            encoding,
-            json: JsonConverter::new(),
-            written: 0,
-        }
+        RecordEncoder { encoding, json: JsonConverter::new(), written: 0 }
     }
 
     pub fn records_written(&self) -> u64 {
@@ -62,6 +58,31 @@ impl RecordEncoder {
         }
         self.written += 1;
         Ok(())
+    }
+
+    /// Appends a tombstone: the record existed at the client's version and is gone now.
+    /// CBOR says so with `undefined`, JSON with `null` (the dataset server stores no nulls).
+    pub fn tombstone(&mut self, id: &str, out: &mut Vec<u8>) {
+        match self.encoding {
+            Encoding::Cbor => {
+                out.push(0x82);
+                write_cbor_text(id, out);
+                out.push(0xf7);
+            }
+            Encoding::Json => {
+                if self.written > 0 {
+                    out.push(b',');
+                }
+                write_json_string(id, out);
+                out.extend_from_slice(b":null");
+            }
+            Encoding::JsonLines => {
+                out.push(b'[');
+                write_json_string(id, out);
+                out.extend_from_slice(b",null]\n");
+            }
+        }
+        self.written += 1;
     }
 
     /// What comes after the last record.
@@ -135,10 +156,7 @@ mod tests {
         let one: &[u8] = &[0x01];
         let list: &[u8] = &[0x82, 0xf5, 0xf6];
         assert_eq!(export(Encoding::Json, &[]), b"{}\n");
-        assert_eq!(
-            export(Encoding::Json, &[("a", one), ("b", list)]),
-            b"{\"a\":1,\"b\":[true,null]}\n"
-        );
+        assert_eq!(export(Encoding::Json, &[("a", one), ("b", list)]), b"{\"a\":1,\"b\":[true,null]}\n");
         assert_eq!(
             export(Encoding::JsonLines, &[("a\u{2028}", one), ("b", list)]),
             b"[\"a\\u2028\",1]\n[\"b\",[true,null]]\n"
@@ -146,14 +164,31 @@ mod tests {
     }
 
     #[test]
+    fn tombstones() {
+        let mut out = Vec::new();
+        let mut encoder = RecordEncoder::new(Encoding::Cbor);
+        encoder.tombstone("a", &mut out);
+        assert_eq!(out, [0x82, 0x61, b'a', 0xf7]);
+        for (encoding, expected) in [
+            (Encoding::Json, &b"{\"a\":1,\"b\":null}\n"[..]),
+            (Encoding::JsonLines, &b"[\"a\",1]\n[\"b\",null]\n"[..]),
+        ] {
+            let mut encoder = RecordEncoder::new(encoding);
+            let mut out = Vec::new();
+            encoder.begin(&mut out);
+            encoder.record("a", &[0x01], &mut out).expect("valid");
+            encoder.tombstone("b", &mut out);
+            encoder.end(&mut out);
+            assert_eq!(out, expected);
+        }
+    }
+
+    #[test]
     fn malformed_value_is_refused_in_every_encoding() {
         for encoding in [Encoding::Cbor, Encoding::Json, Encoding::JsonLines] {
             let mut encoder = RecordEncoder::new(encoding);
             let mut out = Vec::new();
-            assert!(
-                encoder.record("a", &[0x82, 0x01], &mut out).is_err(),
-                "{encoding:?}"
-            );
+            assert!(encoder.record("a", &[0x82, 0x01], &mut out).is_err(), "{encoding:?}");
             assert_eq!(encoder.records_written(), 0);
         }
     }

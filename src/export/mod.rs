@@ -3,19 +3,25 @@
 
 pub mod body;
 pub mod encoder;
+pub mod etag;
+pub mod plan;
 pub mod records;
 pub mod response;
 pub mod route;
 
+use crate::changes::poller::RecentExports;
 use crate::collection::Collection;
 use crate::config::ExportConfig;
 use crate::error::ApiError;
+use crate::journal::VersionJournal;
 use crate::upstream::{Credentials, Upstream};
 use body::ContentCoding;
+use etag::ExportTag;
 use pingora::proxy::Session;
 use records::RecordExport;
 use response::{pump, send_error, streaming_head, PumpEnd};
 use route::{Encoding, ExportKind, Since};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What the log line of one export reports; filled in as the export goes.
@@ -51,6 +57,10 @@ impl Default for ExportLog {
 /// Serves export requests. One per process, shared by every request.
 pub struct Exporter {
     pub upstream: Upstream,
+    /// Every listing an export reads is recorded here before its version is handed out.
+    pub journal: Arc<VersionJournal>,
+    /// Collections exported lately, which the poller keeps re-reading.
+    pub recent: Arc<RecentExports>,
     pub config: ExportConfig,
     /// Record fetches in flight per export.
     pub concurrency: usize,
@@ -72,12 +82,8 @@ impl Exporter {
     pub async fn serve(&self, session: &mut Session, log: &mut ExportLog) -> pingora::Result<()> {
         let method = &session.req_header().method;
         if method != http::Method::GET && method != http::Method::HEAD {
-            let error = ApiError::new(
-                405,
-                "method_not_allowed",
-                "exports are read with GET or HEAD",
-            )
-            .with_header("allow", "GET, HEAD");
+            let error = ApiError::new(405, "method_not_allowed", "exports are read with GET or HEAD")
+                .with_header("allow", "GET, HEAD");
             return reject(session, log, &error).await;
         }
         let uri = &session.req_header().uri;
@@ -88,12 +94,10 @@ impl Exporter {
         log.collection = Some(request.collection.clone());
         match request.kind {
             ExportKind::Records { encoding, since } => {
-                self.records(session, log, request.collection, encoding, since)
-                    .await
+                self.records(session, log, request.collection, encoding, since).await
             }
             ExportKind::Zip | ExportKind::EventStream => {
-                let error =
-                    ApiError::new(501, "not_implemented", "this export is not available yet");
+                let error = ApiError::new(501, "not_implemented", "this export is not available yet");
                 reject(session, log, &error).await
             }
         }
@@ -108,9 +112,6 @@ impl Exporter {
         since: Option<Since>,
     ) -> pingora::Result<()> {
         log.encoding = encoding.as_str();
-        if since.is_some() {
-            return reject(session, log, &version_unknown()).await;
-        }
         let credentials = Credentials::from_headers(&session.req_header().headers);
         let listing = match self.upstream.listing(&collection, &credentials).await {
             Ok(listing) => listing,
@@ -124,15 +125,23 @@ impl Exporter {
                 return reject(session, log, &error).await;
             }
         };
+        self.recent.touch(&collection);
+        let version = listing.version.clone();
         let accept = session.req_header().headers.get("accept-encoding");
         let coding = ContentCoding::negotiate(accept.and_then(|v| v.to_str().ok()));
-        let mut head = streaming_head(session, encoding.content_type())?;
-        head.insert_header("x-version", listing.version.as_str())?;
-        head.insert_header("vary", "accept-encoding")?;
-        head.insert_header("cache-control", "no-cache")?;
-        if let Some(value) = coding.header_value() {
-            head.insert_header("content-encoding", value)?;
+        let tag = ExportTag::new(&collection, &version, encoding, since.as_ref(), coding);
+        let items = match plan::plan(&self.journal, &collection, listing, since).await {
+            Ok(items) => items,
+            Err(error) => return reject(session, log, &error).await,
+        };
+        let if_none_match = session.req_header().headers.get("if-none-match");
+        if tag.matches(if_none_match.and_then(|v| v.to_str().ok())) {
+            log.status = 304;
+            log.outcome = "not_modified";
+            let head = export_head(session, 304, encoding, &version, &tag, coding)?;
+            return session.write_response_header(Box::new(head), true).await;
         }
+        let head = export_head(session, 200, encoding, &version, &tag, coding)?;
         log.status = 200;
         if session.req_header().method == http::Method::HEAD {
             log.outcome = "complete";
@@ -144,7 +153,7 @@ impl Exporter {
             upstream: self.upstream.clone(),
             collection,
             credentials,
-            entries: listing.entries,
+            items,
             encoding,
             coding,
             concurrency: self.concurrency,
@@ -164,23 +173,28 @@ impl Exporter {
 }
 
 /// Answers with a client-facing error and records it for the log line.
-async fn reject(
-    session: &mut Session,
-    log: &mut ExportLog,
-    error: &ApiError,
-) -> pingora::Result<()> {
+async fn reject(session: &mut Session, log: &mut ExportLog, error: &ApiError) -> pingora::Result<()> {
     log.status = error.status;
     log.outcome = "rejected";
     send_error(session, error).await
 }
 
-/// Pull-sync needs a version the sidecar still keeps; without one the only safe answer is a
-/// full export, or the client would keep records deleted since.
-fn version_unknown() -> ApiError {
-    ApiError::new(
-        410,
-        "version_unknown",
-        "this version is not known to the sidecar: download a full export (without after= or at=) \
-         and sync from its X-Version",
-    )
+/// The head of an export: 200 with a streamed body, or 304 with the same validators.
+fn export_head(
+    session: &Session,
+    status: u16,
+    encoding: Encoding,
+    version: &str,
+    tag: &ExportTag,
+    coding: ContentCoding,
+) -> pingora::Result<pingora::http::ResponseHeader> {
+    let mut head = streaming_head(session, status, encoding.content_type())?;
+    head.insert_header("x-version", version)?;
+    head.insert_header("etag", tag.header_value())?;
+    head.insert_header("vary", "accept-encoding")?;
+    head.insert_header("cache-control", "no-cache")?;
+    if let Some(value) = coding.header_value() {
+        head.insert_header("content-encoding", value)?;
+    }
+    Ok(head)
 }

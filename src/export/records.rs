@@ -3,10 +3,11 @@
 
 use super::body::{BodyEncoder, ContentCoding};
 use super::encoder::RecordEncoder;
+use super::plan::ExportItem;
 use super::route::Encoding;
 use crate::collection::Collection;
 use crate::config::ExportConfig;
-use crate::upstream::{Credentials, ListingEntry, Upstream};
+use crate::upstream::{Credentials, Upstream, UpstreamError};
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 use std::time::Duration;
@@ -46,7 +47,8 @@ pub struct RecordExport {
     pub upstream: Upstream,
     pub collection: Collection,
     pub credentials: Credentials,
-    pub entries: Vec<ListingEntry>,
+    /// What to write, in recordID order.
+    pub items: Vec<ExportItem>,
     pub encoding: Encoding,
     pub coding: ContentCoding,
     pub concurrency: usize,
@@ -74,45 +76,42 @@ impl RecordExport {
     }
 
     async fn run(self, tx: &mpsc::Sender<BodyEvent>) -> Result<u64, Stop> {
-        let RecordExport {
-            upstream,
-            collection,
-            credentials,
-            entries,
-            encoding,
-            coding,
-            concurrency,
-            config,
-        } = self;
+        let RecordExport { upstream, collection, credentials, items, encoding, coding, concurrency, config } =
+            self;
         let mut out = ChunkWriter::new(tx, coding, config.flush_interval_ms);
         let mut encoder = RecordEncoder::new(encoding);
         encoder.begin(&mut out.raw);
 
-        let fetches = stream::iter(entries).map(|entry| {
+        let fetches = stream::iter(items).map(|item| {
             let (upstream, collection, credentials) = (&upstream, &collection, &credentials);
             async move {
-                let value = upstream.record(collection, &entry.id, credentials).await;
-                (entry.id, value)
+                match item {
+                    ExportItem::Record(id) => {
+                        let value = upstream.record(collection, &id, credentials).await;
+                        (id, Fetched::Value(value))
+                    }
+                    ExportItem::Tombstone(id) => (id, Fetched::Tombstone),
+                }
             }
         });
         let mut records = fetches.buffered(concurrency);
-        while let Some((id, value)) = out.next_or_flush(&mut records).await? {
-            let value = match value {
-                Ok(Some(value)) => value,
+        while let Some((id, fetched)) = out.next_or_flush(&mut records).await? {
+            match fetched {
+                Fetched::Tombstone => encoder.tombstone(&id, &mut out.raw),
+                Fetched::Value(Ok(Some(value))) => {
+                    if let Err(e) = encoder.record(&id, &value, &mut out.raw) {
+                        tracing::warn!(collection = %collection, record = %id, error = %e, "record is not valid CBOR");
+                        let reason = format!("the stored value is not valid CBOR: {e}");
+                        return Err(Stop::failed(&id, reason));
+                    }
+                }
                 // Deleted between the listing and its fetch: the listing's version predates
                 // the deletion, and the next sync reports it.
-                Ok(None) => continue,
-                Err(e) => {
+                Fetched::Value(Ok(None)) => {}
+                Fetched::Value(Err(e)) => {
                     tracing::warn!(collection = %collection, record = %id, error = %e, "record fetch failed");
                     return Err(Stop::failed(&id, e.to_string()));
                 }
-            };
-            if let Err(e) = encoder.record(&id, &value, &mut out.raw) {
-                tracing::warn!(collection = %collection, record = %id, error = %e, "record is not valid CBOR");
-                return Err(Stop::failed(
-                    &id,
-                    format!("the stored value is not valid CBOR: {e}"),
-                ));
             }
             if out.raw.len() >= config.chunk_bytes {
                 out.send_raw().await?;
@@ -124,6 +123,12 @@ impl RecordExport {
     }
 }
 
+/// One export item once its fetch (if any) is done.
+enum Fetched {
+    Value(Result<Option<Bytes>, UpstreamError>),
+    Tombstone,
+}
+
 /// How a pipeline ends early.
 enum Stop {
     Failed(ExportFailure),
@@ -133,10 +138,7 @@ enum Stop {
 
 impl Stop {
     fn failed(record: &str, reason: String) -> Stop {
-        Stop::Failed(ExportFailure {
-            record: Some(record.to_owned()),
-            reason,
-        })
+        Stop::Failed(ExportFailure { record: Some(record.to_owned()), reason })
     }
 }
 
@@ -207,16 +209,10 @@ impl<'a> ChunkWriter<'a> {
         if bytes.is_empty() {
             return Ok(());
         }
-        self.tx
-            .send(BodyEvent::Data(bytes))
-            .await
-            .map_err(|_| Stop::ClientGone)
+        self.tx.send(BodyEvent::Data(bytes)).await.map_err(|_| Stop::ClientGone)
     }
 }
 
 fn coding_failed(e: std::io::Error) -> Stop {
-    Stop::Failed(ExportFailure {
-        record: None,
-        reason: format!("compression failed: {e}"),
-    })
+    Stop::Failed(ExportFailure { record: None, reason: format!("compression failed: {e}") })
 }

@@ -20,21 +20,20 @@ pub async fn send_error(session: &mut Session, error: &ApiError) -> Result<()> {
         head.insert_header(*name, value.as_str())?;
     }
     let is_head = session.req_header().method == http::Method::HEAD;
-    session
-        .write_response_header(Box::new(head), is_head)
-        .await?;
+    session.write_response_header(Box::new(head), is_head).await?;
     if !is_head {
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
 }
 
-/// A 200 head for a streamed body of unknown length. HTTP/1.1 gets chunked encoding, so an
+/// A head for a streamed body of unknown length. HTTP/1.1 gets chunked encoding, so an
 /// aborted body is visibly incomplete; HTTP/1.0 cannot have it and gets a close-delimited body.
-pub fn streaming_head(session: &Session, content_type: &str) -> Result<ResponseHeader> {
-    let mut head = ResponseHeader::build(200, Some(8))?;
+/// A 304 has no body and so no framing.
+pub fn streaming_head(session: &Session, status: u16, content_type: &str) -> Result<ResponseHeader> {
+    let mut head = ResponseHeader::build(status, Some(8))?;
     head.insert_header("content-type", content_type)?;
-    if session.req_header().version != http::Version::HTTP_10 {
+    if status != 304 && session.req_header().version != http::Version::HTTP_10 {
         head.insert_header("transfer-encoding", "chunked")?;
     }
     Ok(head)
@@ -77,8 +76,5 @@ pub async fn pump(session: &mut Session, mut rx: mpsc::Receiver<BodyEvent>) -> R
 }
 
 fn abort_error(failure: &ExportFailure) -> Box<Error> {
-    Error::explain(
-        ErrorType::InternalError,
-        format!("export aborted after the head: {failure}"),
-    )
+    Error::explain(ErrorType::InternalError, format!("export aborted after the head: {failure}"))
 }

@@ -21,10 +21,7 @@ pub struct ExportRequest {
 /// What the client asked for under the collection's path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExportKind {
-    Records {
-        encoding: Encoding,
-        since: Option<Since>,
-    },
+    Records { encoding: Encoding, since: Option<Since> },
     Zip,
     EventStream,
 }
@@ -79,11 +76,7 @@ pub fn is_export_path(path: &str) -> bool {
 /// Parses the path (still percent-encoded) and the raw query string.
 pub fn parse(path: &str, query: Option<&str>) -> Result<ExportRequest, ApiError> {
     if path.len() > MAX_PATH {
-        return Err(ApiError::new(
-            414,
-            "path_too_long",
-            "the request path is too long",
-        ));
+        return Err(ApiError::new(414, "path_too_long", "the request path is too long"));
     }
     let rest = path.strip_prefix(PREFIX).ok_or_else(usage_not_found)?;
     let segments: Vec<&str> = rest.split('/').collect();
@@ -92,16 +85,12 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<ExportRequest, ApiError>
         [realm, owner_name, tail] => (*realm, *owner_name, Some(*tail)),
         _ => return Err(usage_not_found()),
     };
-    let realm = Realm::parse(&decode(realm, "realm")?).ok_or_else(|| {
-        ApiError::not_found("no such realm: use /export/datasets/… or /export/lenses/…")
-    })?;
+    let realm = Realm::parse(&decode(realm, "realm")?)
+        .ok_or_else(|| ApiError::not_found("no such realm: use /export/datasets/… or /export/lenses/…"))?;
     let collection = parse_collection(realm, owner_name)?;
     let params = QueryParams::parse(query.unwrap_or(""))?;
     let kind = match tail {
-        None => ExportKind::Records {
-            encoding: params.encoding()?,
-            since: params.since()?,
-        },
+        None => ExportKind::Records { encoding: params.encoding()?, since: params.since()? },
         Some("zip") => ExportKind::Zip,
         Some("event-stream") => ExportKind::EventStream,
         Some(_) => return Err(usage_not_found()),
@@ -110,22 +99,18 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<ExportRequest, ApiError>
 }
 
 fn usage_not_found() -> ApiError {
-    ApiError::not_found(
-        "export paths are /export/{datasets|lenses}/{user}:{name}[/zip|/event-stream]",
-    )
+    ApiError::not_found("export paths are /export/{datasets|lenses}/{user}:{name}[/zip|/event-stream]")
 }
 
 /// `user:name`, split at the first literal colon, then each half decoded.
 fn parse_collection(realm: Realm, owner_name: &str) -> Result<Collection, ApiError> {
-    let (user, name) = owner_name.split_once(':').ok_or_else(|| {
-        ApiError::bad_request("the collection must be written user:name (with a colon)")
-    })?;
+    let (user, name) = owner_name
+        .split_once(':')
+        .ok_or_else(|| ApiError::bad_request("the collection must be written user:name (with a colon)"))?;
     let user = decode(user, "user")?;
     let name = decode(name, "name")?;
     if user.is_empty() || name.is_empty() {
-        return Err(ApiError::bad_request(
-            "both user and name must be non-empty in user:name",
-        ));
+        return Err(ApiError::bad_request("both user and name must be non-empty in user:name"));
     }
     Ok(Collection { realm, user, name })
 }
@@ -133,17 +118,13 @@ fn parse_collection(realm: Realm, owner_name: &str) -> Result<Collection, ApiErr
 /// Percent-decodes one path part; it must be UTF-8 without NUL.
 fn decode(raw: &str, what: &str) -> Result<String, ApiError> {
     if !well_formed_escapes(raw) {
-        return Err(ApiError::bad_request(format!(
-            "the {what} has a malformed %-escape"
-        )));
+        return Err(ApiError::bad_request(format!("the {what} has a malformed %-escape")));
     }
     let text = percent_decode_str(raw)
         .decode_utf8()
         .map_err(|_| ApiError::bad_request(format!("the {what} is not UTF-8 once %-decoded")))?;
     if text.contains('\0') {
-        return Err(ApiError::bad_request(format!(
-            "the {what} contains a NUL character"
-        )));
+        return Err(ApiError::bad_request(format!("the {what} contains a NUL character")));
     }
     Ok(text.into_owned())
 }
@@ -185,9 +166,7 @@ impl QueryParams {
                 _ => continue,
             };
             if slot.is_some() {
-                return Err(ApiError::bad_request(format!(
-                    "`{key}` is given more than once"
-                )));
+                return Err(ApiError::bad_request(format!("`{key}` is given more than once")));
             }
             *slot = Some(value.into_owned());
         }
@@ -199,9 +178,7 @@ impl QueryParams {
             ApiError::bad_request("add ?encoding=cbor, ?encoding=json or ?encoding=json-lines")
         })?;
         Encoding::parse(value).ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "unknown encoding `{value}`: use cbor, json or json-lines"
-            ))
+            ApiError::bad_request(format!("unknown encoding `{value}`: use cbor, json or json-lines"))
         })
     }
 
@@ -217,9 +194,7 @@ impl QueryParams {
 
 fn non_empty(value: &str, key: &str) -> Result<String, ApiError> {
     if value.is_empty() {
-        return Err(ApiError::bad_request(format!(
-            "{key}= needs a version from X-Version"
-        )));
+        return Err(ApiError::bad_request(format!("{key}= needs a version from X-Version")));
     }
     Ok(value.to_owned())
 }
@@ -237,13 +212,7 @@ mod tests {
         let r = records("/export/datasets/alice:birds", "encoding=json").expect("valid");
         assert_eq!(r.collection.user, "alice");
         assert_eq!(r.collection.name, "birds");
-        assert_eq!(
-            r.kind,
-            ExportKind::Records {
-                encoding: Encoding::Json,
-                since: None
-            }
-        );
+        assert_eq!(r.kind, ExportKind::Records { encoding: Encoding::Json, since: None });
     }
 
     #[test]
@@ -262,14 +231,8 @@ mod tests {
         assert_eq!(status("/export/datasets/:b", "encoding=json"), 400);
         assert_eq!(status("/export/datasets/a:b", ""), 400);
         assert_eq!(status("/export/datasets/a:b", "encoding=xml"), 400);
-        assert_eq!(
-            status("/export/datasets/a:b", "encoding=json&after=1&at=2"),
-            400
-        );
-        assert_eq!(
-            status("/export/datasets/a:b", "encoding=json&encoding=cbor"),
-            400
-        );
+        assert_eq!(status("/export/datasets/a:b", "encoding=json&after=1&at=2"), 400);
+        assert_eq!(status("/export/datasets/a:b", "encoding=json&encoding=cbor"), 400);
         assert_eq!(status("/export/datasets/a:b%zz", "encoding=json"), 400);
         assert_eq!(status("/export/datasets/a:b%00", "encoding=json"), 400);
         assert_eq!(status("/export/datasets/a:b%ff", "encoding=json"), 400);
@@ -279,13 +242,8 @@ mod tests {
 
     #[test]
     fn zip_and_event_stream_need_no_encoding() {
-        assert_eq!(
-            records("/export/datasets/a:b/zip", "").expect("valid").kind,
-            ExportKind::Zip
-        );
-        let kind = records("/export/datasets/a:b/event-stream", "")
-            .expect("valid")
-            .kind;
+        assert_eq!(records("/export/datasets/a:b/zip", "").expect("valid").kind, ExportKind::Zip);
+        let kind = records("/export/datasets/a:b/event-stream", "").expect("valid").kind;
         assert_eq!(kind, ExportKind::EventStream);
     }
 }

@@ -29,8 +29,7 @@ pub(super) async fn echo(parts: &Parts, body: Body) -> Result<Response, RouteErr
     let mut body_len: u64 = 0;
     let mut chunks = body.into_data_stream();
     while let Some(chunk) = chunks.next().await {
-        let chunk =
-            chunk.map_err(|err| RouteError::BadRequest(format!("reading the body: {err}")))?;
+        let chunk = chunk.map_err(|err| RouteError::BadRequest(format!("reading the body: {err}")))?;
         body_len += chunk.len() as u64;
         hasher.update(&chunk);
     }
@@ -62,17 +61,12 @@ pub(super) fn status(code: &str) -> Result<Response, RouteError> {
     if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(status.into_response());
     }
-    Ok(json_response(
-        status,
-        &serde_json::json!({ "status": status.as_u16() }),
-    ))
+    Ok(json_response(status, &serde_json::json!({ "status": status.as_u16() })))
 }
 
 /// Streams `n` bytes of [`pattern_byte`] in chunks, with a `Content-Length`.
 pub(super) fn bytes(n: &str) -> Result<Response, RouteError> {
-    let total: u64 = n
-        .parse()
-        .map_err(|_| RouteError::BadRequest(format!("{n:?} is not a byte count")))?;
+    let total: u64 = n.parse().map_err(|_| RouteError::BadRequest(format!("{n:?} is not a byte count")))?;
     let chunks = stream::unfold(0u64, move |offset| async move {
         if offset >= total {
             return None;

@@ -41,10 +41,7 @@ pub(super) fn broken_body(fault: &RecordFault, value: Bytes, stop: StopSignal) -
         RecordFault::ResetMidBody => {
             let reset = stream::once(async {
                 tokio::time::sleep(RESET_AFTER).await;
-                Err(io::Error::new(
-                    io::ErrorKind::ConnectionReset,
-                    "injected reset",
-                ))
+                Err(io::Error::new(io::ErrorKind::ConnectionReset, "injected reset"))
             });
             Some(Body::from_stream(head.chain(reset)))
         }

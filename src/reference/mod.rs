@@ -88,13 +88,7 @@ impl ReferenceServer {
                 tracing::error!(%err, "reference server failed");
             }
         });
-        Ok(ReferenceServer {
-            addr,
-            store,
-            stop,
-            server,
-            webhooks,
-        })
+        Ok(ReferenceServer { addr, store, stop, server, webhooks })
     }
 
     /// The bound address, with the real port when 0 was asked for.
@@ -123,10 +117,7 @@ impl ReferenceServer {
     pub async fn shutdown(self) {
         self.stop.send_replace(true);
         let mut server = self.server;
-        if tokio::time::timeout(SHUTDOWN_GRACE, &mut server)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
             tracing::warn!("reference server: requests still open after the grace period");
             server.abort();
         }

@@ -38,9 +38,7 @@ struct App {
 /// The whole HTTP surface: a router with nothing but a fallback, so axum never matches (or
 /// rewrites) paths and this module sees every request's path as it arrived.
 pub(super) fn router(store: Store, stop: StopSignal) -> Router {
-    Router::new()
-        .fallback(handle)
-        .with_state(App { store, stop })
+    Router::new().fallback(handle).with_state(App { store, stop })
 }
 
 async fn handle(State(app): State<App>, request: Request) -> Response {
@@ -50,9 +48,7 @@ async fn handle(State(app): State<App>, request: Request) -> Response {
         path: parts.uri.path().to_owned(),
         query: parts.uri.query().map(str::to_owned),
     });
-    route(&app, &parts, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    route(&app, &parts, body).await.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn route(app: &App, parts: &Parts, body: Body) -> Result<Response, RouteError> {
@@ -95,7 +91,12 @@ async fn collection_route(
     let method = &parts.method;
     match rest {
         ["records", ""] => match *method {
-            Method::GET | Method::HEAD => listing(&app.store, c, &parts.headers),
+            Method::GET | Method::HEAD => {
+                if let Some(delay) = app.store.listing_delay(c) {
+                    wait_unless_stopping(delay, &app.stop).await?;
+                }
+                listing(&app.store, c, &parts.headers)
+            }
             Method::POST => write_map(&app.store, c, parts, body, false).await,
             Method::PUT => write_map(&app.store, c, parts, body, true).await,
             _ => Err(RouteError::MethodNotAllowed(method.clone())),
@@ -104,10 +105,7 @@ async fn collection_route(
             Method::GET | Method::HEAD => record(app, c, id, &parts.headers).await,
             Method::PUT => put_record(&app.store, c, id, parts, body).await,
             Method::DELETE => {
-                let version = app
-                    .store
-                    .delete_record(c, id)
-                    .ok_or_else(|| no_record(c, id))?;
+                let version = app.store.delete_record(c, id).ok_or_else(|| no_record(c, id))?;
                 Ok(version_response(version))
             }
             _ => Err(RouteError::MethodNotAllowed(method.clone())),
@@ -125,28 +123,18 @@ async fn collection_route(
 fn listing(store: &Store, c: &CollectionId, headers: &HeaderMap) -> Result<Response, RouteError> {
     let (version, records) = store.listing(c).ok_or_else(|| no_collection(c))?;
     let etag = format!("\"{version}\"");
-    let head = [
-        (header::ETAG, etag.clone()),
-        (X_VERSION, version.to_string()),
-    ];
+    let head = [(header::ETAG, etag.clone()), (X_VERSION, version.to_string())];
     if etag_matches(headers, &etag) {
         return Ok((StatusCode::NOT_MODIFIED, head).into_response());
     }
     let version_of = |v: u64| Value::Map(vec![(Value::Text("version".into()), v.into())]);
-    let entries = records
-        .into_iter()
-        .map(|(id, v)| (Value::Text(id), version_of(v)));
+    let entries = records.into_iter().map(|(id, v)| (Value::Text(id), version_of(v)));
     Ok((head, negotiated(headers, Value::Map(entries.collect()))).into_response())
 }
 
 /// U2: the stored bytes verbatim as CBOR (or a JSON view), with the record's `X-Version`;
 /// an injected fault for the record changes the answer.
-async fn record(
-    app: &App,
-    c: &CollectionId,
-    id: &str,
-    headers: &HeaderMap,
-) -> Result<Response, RouteError> {
+async fn record(app: &App, c: &CollectionId, id: &str, headers: &HeaderMap) -> Result<Response, RouteError> {
     let fault = app.store.fault(c, id);
     match fault {
         Some(RecordFault::Status(code)) => return Ok(injected_status(code)),
@@ -162,10 +150,7 @@ async fn record(
         })?;
         (JSON, json_bytes(&value::cbor_to_json(value)))
     };
-    let head = [
-        (header::CONTENT_TYPE, content_type.to_owned()),
-        (X_VERSION, version.to_string()),
-    ];
+    let head = [(header::CONTENT_TYPE, content_type.to_owned()), (X_VERSION, version.to_string())];
     let length = [(header::CONTENT_LENGTH, bytes.len().to_string())];
     match fault.and_then(|fault| fault::broken_body(&fault, bytes.clone(), app.stop.clone())) {
         Some(broken) => Ok((head, length, broken).into_response()),
@@ -185,19 +170,11 @@ async fn write_map(
     let body = read_body(body, MAX_WRITE_BODY).await?;
     let value = value::decode_body(content_type(parts), &body).map_err(bad_value)?;
     let Value::Map(entries) = value else {
-        return Err(RouteError::BadRequest(
-            "the body must be a map of recordID → value".into(),
-        ));
+        return Err(RouteError::BadRequest("the body must be a map of recordID → value".into()));
     };
-    let changes: Vec<(String, Option<Bytes>)> =
-        entries.into_iter().map(change).collect::<Result<_, _>>()?;
+    let changes: Vec<(String, Option<Bytes>)> = entries.into_iter().map(change).collect::<Result<_, _>>()?;
     let edit = if replace {
-        Edit::Replace(
-            changes
-                .into_iter()
-                .filter_map(|(id, v)| Some((id, v?)))
-                .collect(),
-        )
+        Edit::Replace(changes.into_iter().filter_map(|(id, v)| Some((id, v?))).collect())
     } else {
         Edit::Merge(changes)
     };
@@ -207,9 +184,7 @@ async fn write_map(
 /// One entry of a bulk write: a non-empty text ID and the value to store (`None` deletes).
 fn change((key, value): (Value, Value)) -> Result<(String, Option<Bytes>), RouteError> {
     match key {
-        Value::Text(id) if !id.is_empty() => {
-            Ok((id, (!value.is_null()).then(|| value::encode_cbor(&value))))
-        }
+        Value::Text(id) if !id.is_empty() => Ok((id, (!value.is_null()).then(|| value::encode_cbor(&value)))),
         Value::Text(_) => Err(RouteError::BadRequest(
             "an empty record ID cannot be stored: its URL would be the listing's".into(),
         )),
@@ -235,9 +210,7 @@ async fn put_record(
     } else {
         Some(body)
     };
-    Ok(version_response(
-        store.apply(c, Edit::Merge(vec![(id.to_owned(), stored)])),
-    ))
+    Ok(version_response(store.apply(c, Edit::Merge(vec![(id.to_owned(), stored)]))))
 }
 
 /// `POST /attachments`: stores any body under its sha256 with the request's content type.
@@ -246,10 +219,7 @@ async fn add_attachment(app: &App, parts: &Parts, body: Body) -> Result<Response
     let content_type = content_type(parts).unwrap_or("application/octet-stream");
     let hash = app.store.add_attachment(body, content_type);
     let link = attachment_link(&hash, content_type);
-    Ok(json_response(
-        StatusCode::CREATED,
-        &serde_json::json!({ "hash": hash, "link": link }),
-    ))
+    Ok(json_response(StatusCode::CREATED, &serde_json::json!({ "hash": hash, "link": link })))
 }
 
 /// U3: an attachment's bytes with its stored content type.
@@ -276,12 +246,7 @@ fn authorize(store: &Store, c: &CollectionId, headers: &HeaderMap) -> Result<(),
 
 /// Tokens from `Authorization: Bearer …` and from `session=…` cookies.
 fn presented_tokens(headers: &HeaderMap) -> Vec<&str> {
-    let texts = |name| {
-        headers
-            .get_all(name)
-            .into_iter()
-            .filter_map(|v| v.to_str().ok())
-    };
+    let texts = |name| headers.get_all(name).into_iter().filter_map(|v| v.to_str().ok());
     let bearer = texts(header::AUTHORIZATION)
         .filter_map(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
@@ -310,11 +275,9 @@ fn decode_segments(path: &str) -> Result<Vec<Cow<'_, str>>, RouteError> {
 }
 
 fn decode_segment(segment: &str) -> Result<Cow<'_, str>, RouteError> {
-    percent_decode_str(segment).decode_utf8().map_err(|_| {
-        RouteError::BadRequest(format!(
-            "path segment {segment:?} is not UTF-8 once decoded"
-        ))
-    })
+    percent_decode_str(segment)
+        .decode_utf8()
+        .map_err(|_| RouteError::BadRequest(format!("path segment {segment:?} is not UTF-8 once decoded")))
 }
 
 fn allow(parts: &Parts, methods: &[Method]) -> Result<(), RouteError> {
@@ -328,10 +291,7 @@ fn allow(parts: &Parts, methods: &[Method]) -> Result<(), RouteError> {
 fn injected_status(code: u16) -> Response {
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let message = format!("injected fault: status {code}");
-    json_response(
-        status,
-        &serde_json::json!({ "error": "injected", "message": message }),
-    )
+    json_response(status, &serde_json::json!({ "error": "injected", "message": message }))
 }
 
 /// A `Delay` fault's wait, cut short when the server stops.
@@ -343,19 +303,13 @@ async fn wait_unless_stopping(delay: Duration, stop: &StopSignal) -> Result<(), 
 }
 
 fn etag_matches(headers: &HeaderMap, etag: &str) -> bool {
-    let tags = headers
-        .get_all(header::IF_NONE_MATCH)
-        .into_iter()
-        .filter_map(|v| v.to_str().ok());
+    let tags = headers.get_all(header::IF_NONE_MATCH).into_iter().filter_map(|v| v.to_str().ok());
     let mut tags = tags.flat_map(|v| v.split(',')).map(str::trim);
     tags.any(|tag| tag == "*" || tag.trim_start_matches("W/") == etag)
 }
 
 fn wants_cbor(headers: &HeaderMap) -> bool {
-    let mut accept = headers
-        .get_all(header::ACCEPT)
-        .into_iter()
-        .filter_map(|v| v.to_str().ok());
+    let mut accept = headers.get_all(header::ACCEPT).into_iter().filter_map(|v| v.to_str().ok());
     accept.any(|v| v.contains(CBOR))
 }
 
@@ -378,16 +332,11 @@ pub(super) fn json_response(status: StatusCode, body: &serde_json::Value) -> Res
 }
 
 fn json_bytes(body: &serde_json::Value) -> Bytes {
-    serde_json::to_vec(body)
-        .expect("a serde_json::Value always serializes")
-        .into()
+    serde_json::to_vec(body).expect("a serde_json::Value always serializes").into()
 }
 
 fn content_type(parts: &Parts) -> Option<&str> {
-    parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
+    parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, RouteError> {
@@ -433,9 +382,7 @@ impl RouteError {
             RouteError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             RouteError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             RouteError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
-            RouteError::MethodNotAllowed(_) => {
-                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
-            }
+            RouteError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             RouteError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             RouteError::Stopping => (StatusCode::SERVICE_UNAVAILABLE, "stopping"),
         }
@@ -449,9 +396,7 @@ impl IntoResponse for RouteError {
         let mut response = json_response(status, &body);
         if matches!(self, RouteError::Unauthorized) {
             let challenge = HeaderValue::from_static("Bearer");
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, challenge);
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
         }
         response
     }

@@ -51,22 +51,13 @@ impl SplitMix64 {
 }
 
 const SPECIES: &[&str] = &[
-    "aardvark", "badger", "capybara", "dingo", "eland", "fennec", "gecko", "heron", "ibis",
-    "jackal", "kinkajou", "lemur", "marmot", "narwhal", "ocelot", "pangolin", "quokka", "raccoon",
-    "serval", "tapir", "urial", "vicuña", "wombat", "xerus", "yak", "zebu",
+    "aardvark", "badger", "capybara", "dingo", "eland", "fennec", "gecko", "heron", "ibis", "jackal",
+    "kinkajou", "lemur", "marmot", "narwhal", "ocelot", "pangolin", "quokka", "raccoon", "serval", "tapir",
+    "urial", "vicuña", "wombat", "xerus", "yak", "zebu",
 ];
-const CONTINENTS: &[&str] = &[
-    "Africa",
-    "Asia",
-    "Europe",
-    "North America",
-    "Oceania",
-    "South America",
-];
+const CONTINENTS: &[&str] = &["Africa", "Asia", "Europe", "North America", "Oceania", "South America"];
 const CLIMATES: &[&str] = &["arid", "temperate", "tropical", "polar", "alpine"];
-const FOODS: &[&str] = &[
-    "grass", "insects", "fish", "fruit", "roots", "seeds", "carrion", "leaves",
-];
+const FOODS: &[&str] = &["grass", "insects", "fish", "fruit", "roots", "seeds", "carrion", "leaves"];
 /// IDs that test every path-encoding corner: non-ASCII, spaces, `/`, `%`, `+`, `?`, `#`.
 const AWKWARD_IDS: &[&str] = &[
     "vicuña",
@@ -97,17 +88,11 @@ fn date(epoch_seconds: u64) -> Value {
 
 fn seed_animals(store: &Store, rng: &mut SplitMix64) {
     let c = CollectionId::new("datasets", "demo", "animals");
-    let mut ids: Vec<String> = (0..490)
-        .map(|i| format!("{}-{i:03}", SPECIES[i % SPECIES.len()]))
-        .collect();
+    let mut ids: Vec<String> = (0..490).map(|i| format!("{}-{i:03}", SPECIES[i % SPECIES.len()])).collect();
     ids.extend(AWKWARD_IDS.iter().map(|id| id.to_string()));
     for batch in ids.chunks(100) {
         let changes = batch.iter().enumerate().map(|(i, id)| {
-            let value = if i % 25 == 7 {
-                odd_value(rng)
-            } else {
-                animal(id, rng)
-            };
+            let value = if i % 25 == 7 { odd_value(rng) } else { animal(id, rng) };
             (id.clone(), Some(encode_cbor(&value)))
         });
         store.write(&c, changes.collect());
@@ -117,17 +102,12 @@ fn seed_animals(store: &Store, rng: &mut SplitMix64) {
 /// A typical record: text, integers, a float, a nested map, arrays, bytes and a date.
 fn animal(id: &str, rng: &mut SplitMix64) -> Value {
     let species = id.split('-').next().unwrap_or(id);
-    let diet = (0..1 + rng.below(3))
-        .map(|_| text(rng.pick(FOODS)))
-        .collect();
+    let diet = (0..1 + rng.below(3)).map(|_| text(rng.pick(FOODS))).collect();
     let markings = 8 + rng.below(24) as usize;
     map(vec![
         ("species", text(species)),
         ("legs", (rng.below(5) * 2).into()),
-        (
-            "weight_kg",
-            Value::Float((rng.below(500_000) as f64) / 1000.0),
-        ),
+        ("weight_kg", Value::Float((rng.below(500_000) as f64) / 1000.0)),
         ("endangered", Value::Bool(rng.below(4) == 0)),
         (
             "habitat",
@@ -139,10 +119,7 @@ fn animal(id: &str, rng: &mut SplitMix64) -> Value {
         ),
         ("diet", Value::Array(diet)),
         ("markings", Value::Bytes(rng.bytes(markings))),
-        (
-            "first_described",
-            date(1_500_000_000 + rng.below(200_000_000)),
-        ),
+        ("first_described", date(1_500_000_000 + rng.below(200_000_000))),
         ("notes", Value::Null),
     ])
 }
@@ -154,12 +131,7 @@ fn odd_value(rng: &mut SplitMix64) -> Value {
         1 => Value::from(u64::MAX - rng.below(1000)),
         2 => Value::from(-(rng.below(1_000_000) as i64)),
         3 => Value::Float(-0.5 - rng.below(100) as f64),
-        4 => Value::Array(vec![
-            text("mixed"),
-            42.into(),
-            Value::Bool(false),
-            Value::Null,
-        ]),
+        4 => Value::Array(vec![text("mixed"), 42.into(), Value::Bool(false), Value::Null]),
         _ => Value::Bytes(rng.bytes(16)),
     }
 }
@@ -182,28 +154,15 @@ fn seed_signs(store: &Store, rng: &mut SplitMix64, stills: &[String]) {
     let c = CollectionId::new("datasets", "demo", "signs");
     let changes = (0..200).map(|i| {
         let still = &stills[rng.below(stills.len() as u64) as usize];
-        let still = if i % 40 == 3 {
-            upper_hex(still)
-        } else {
-            still.clone()
-        };
+        let still = if i % 40 == 3 { upper_hex(still) } else { still.clone() };
         let mut entries = vec![
             ("gloss", text(&word(i))),
             ("hand", text(rng.pick(&["left", "right", "both"]))),
-            (
-                "media",
-                map(vec![
-                    ("still", text(&still)),
-                    ("frames", frames(rng, stills)),
-                ]),
-            ),
+            ("media", map(vec![("still", text(&still)), ("frames", frames(rng, stills))])),
         ];
         if i % 50 == 11 {
             let key = &stills[i % stills.len()];
-            entries.push((
-                "annotations",
-                Value::Map(vec![(text(key), text("handshape"))]),
-            ));
+            entries.push(("annotations", Value::Map(vec![(text(key), text("handshape"))])));
         }
         (format!("sign-{i:03}"), Some(encode_cbor(&map(entries))))
     });
@@ -225,23 +184,15 @@ fn upper_hex(link: &str) -> String {
 /// A made-up word, unique for every `i` below 1000.
 fn word(i: usize) -> String {
     const SYLLABLES: [&str; 10] = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa"];
-    [i % 10, (i / 10) % 10, (i / 100) % 10]
-        .iter()
-        .map(|&s| SYLLABLES[s])
-        .collect()
+    [i % 10, (i / 10) % 10, (i / 100) % 10].iter().map(|&s| SYLLABLES[s]).collect()
 }
 
 fn seed_word_index(store: &Store, rng: &mut SplitMix64) {
     let c = CollectionId::new("lenses", "demo", "word-index");
     let changes = (0..300).map(|i| {
         let count = 1 + rng.below(3);
-        let signs = (0..count)
-            .map(|_| text(&format!("sign-{:03}", rng.below(200))))
-            .collect();
-        let entry = map(vec![
-            ("count", rng.below(100).into()),
-            ("signs", Value::Array(signs)),
-        ]);
+        let signs = (0..count).map(|_| text(&format!("sign-{:03}", rng.below(200)))).collect();
+        let entry = map(vec![("count", rng.below(100).into()), ("signs", Value::Array(signs))]);
         (word(i), Some(encode_cbor(&entry)))
     });
     store.write(&c, changes.collect());
@@ -251,10 +202,7 @@ fn seed_word_index(store: &Store, rng: &mut SplitMix64) {
 fn seed_empty(store: &Store) {
     let c = CollectionId::new("datasets", "demo", "empty");
     if store.version(&c).is_none() {
-        store.write(
-            &c,
-            vec![("placeholder".into(), Some(encode_cbor(&Value::Bool(true))))],
-        );
+        store.write(&c, vec![("placeholder".into(), Some(encode_cbor(&Value::Bool(true))))]);
         store.write(&c, vec![("placeholder".into(), None)]);
     }
 }
@@ -264,14 +212,8 @@ fn seed_diary(store: &Store, rng: &mut SplitMix64) {
     store.protect(&c, Some(DEMO_TOKEN.to_owned()));
     let changes = (1..=20).map(|day| {
         let entry = map(vec![
-            (
-                "mood",
-                text(rng.pick(&["calm", "busy", "curious", "tired"])),
-            ),
-            (
-                "entry",
-                text(&format!("Day {day}: nothing anyone else needs to read.")),
-            ),
+            ("mood", text(rng.pick(&["calm", "busy", "curious", "tired"]))),
+            ("entry", text(&format!("Day {day}: nothing anyone else needs to read."))),
             ("written", date(1_704_067_200 + day * 86_400)),
         ]);
         (format!("2024-01-{day:02}"), Some(encode_cbor(&entry)))

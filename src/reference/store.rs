@@ -29,11 +29,7 @@ pub struct CollectionId {
 impl CollectionId {
     /// Saves the caller three `to_string()`s.
     pub fn new(realm: impl Into<String>, user: impl Into<String>, name: impl Into<String>) -> Self {
-        CollectionId {
-            realm: realm.into(),
-            user: user.into(),
-            name: name.into(),
-        }
+        CollectionId { realm: realm.into(), user: user.into(), name: name.into() }
     }
 }
 
@@ -73,10 +69,7 @@ const URI_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
 /// The link form the dataset server hands out for an attachment, and that records embed:
 /// `hash://sha256/<hex>?type=<content type, URI-component encoded>`.
 pub fn attachment_link(hex: &str, content_type: &str) -> String {
-    format!(
-        "hash://sha256/{hex}?type={}",
-        utf8_percent_encode(content_type, URI_COMPONENT)
-    )
+    format!("hash://sha256/{hex}?type={}", utf8_percent_encode(content_type, URI_COMPONENT))
 }
 
 /// The whole in-memory dataset server; cheap to clone (an `Arc`), so the routes, the demo and
@@ -108,6 +101,8 @@ struct State {
     tokens: HashMap<CollectionId, String>,
     /// Test hooks: records whose U2 misbehaves on purpose.
     faults: HashMap<(CollectionId, String), RecordFault>,
+    /// Test hooks: collections whose U1 is delayed on purpose.
+    listing_delays: HashMap<CollectionId, std::time::Duration>,
 }
 
 /// A collection's records and version. Kept (with `live` false) after the collection is
@@ -178,11 +173,7 @@ impl Collection {
         let Some(value) = value else {
             return self.records.remove(&id).is_some();
         };
-        if self
-            .records
-            .get(&id)
-            .is_some_and(|record| record.value == value)
-        {
+        if self.records.get(&id).is_some_and(|record| record.value == value) {
             return false;
         }
         self.records.insert(id, StoredRecord { version, value });
@@ -193,14 +184,8 @@ impl Collection {
 impl Store {
     /// An empty store; `notices` receives one message per change when webhooks are configured.
     pub(super) fn new(notices: Option<UnboundedSender<ChangeNotice>>) -> Store {
-        let inner = Inner {
-            state: Mutex::default(),
-            log: Mutex::default(),
-            notices,
-        };
-        Store {
-            inner: Arc::new(inner),
-        }
+        let inner = Inner { state: Mutex::default(), log: Mutex::default(), notices };
+        Store { inner: Arc::new(inner) }
     }
 
     /// Merges changes into a collection (creating it) as one write, the in-process twin of
@@ -248,6 +233,20 @@ impl Store {
         };
     }
 
+    /// Test hook: delays every U1 of the collection (`None` removes the delay), so tests can
+    /// hold a listing read in flight.
+    pub fn set_listing_delay(&self, c: &CollectionId, delay: Option<std::time::Duration>) {
+        let mut state = self.lock();
+        match delay {
+            Some(delay) => state.listing_delays.insert(c.clone(), delay),
+            None => state.listing_delays.remove(c),
+        };
+    }
+
+    pub(super) fn listing_delay(&self, c: &CollectionId) -> Option<std::time::Duration> {
+        self.lock().listing_delays.get(c).copied()
+    }
+
     /// Requires `Authorization: Bearer <token>` or cookie `session=<token>` for every read and
     /// write of the collection (`None` opens it again). Works before the collection exists.
     pub fn protect(&self, c: &CollectionId, token: Option<String>) {
@@ -261,21 +260,14 @@ impl Store {
     /// Stores a blob under its sha256 and returns the lower-case hex, as `POST /attachments` does.
     pub fn add_attachment(&self, bytes: bytes::Bytes, content_type: &str) -> String {
         let hex = format!("{:x}", Sha256::digest(&bytes));
-        let attachment = Attachment {
-            bytes,
-            content_type: content_type.to_owned(),
-        };
+        let attachment = Attachment { bytes, content_type: content_type.to_owned() };
         self.lock().attachments.insert(hex.clone(), attachment);
         hex
     }
 
     /// The collection's current version, `None` if it does not exist (never written, or deleted).
     pub fn version(&self, c: &CollectionId) -> Option<u64> {
-        self.lock()
-            .collections
-            .get(c)
-            .filter(|col| col.live)
-            .map(|col| col.version)
+        self.lock().collections.get(c).filter(|col| col.live).map(|col| col.version)
     }
 
     /// Every record as (id, record version, value), sorted by id; empty if no such collection.
@@ -285,30 +277,17 @@ impl Store {
             return Vec::new();
         };
         let records = collection.records.iter();
-        records
-            .map(|(id, r)| (id.clone(), r.version, r.value.clone()))
-            .collect()
+        records.map(|(id, r)| (id.clone(), r.version, r.value.clone())).collect()
     }
 
     /// Every request received so far (the most recent 100,000), oldest first.
     pub fn request_log(&self) -> Vec<LoggedRequest> {
-        self.inner
-            .log
-            .lock()
-            .expect("request log lock poisoned")
-            .iter()
-            .cloned()
-            .collect()
+        self.inner.log.lock().expect("request log lock poisoned").iter().cloned().collect()
     }
 
     /// Applies an already checked edit as one write and announces it if it changed anything.
     pub(super) fn apply(&self, c: &CollectionId, edit: Edit) -> u64 {
-        let outcome = self
-            .lock()
-            .collections
-            .entry(c.clone())
-            .or_default()
-            .apply(edit);
+        let outcome = self.lock().collections.entry(c.clone()).or_default().apply(edit);
         self.announce(c, outcome)
     }
 
@@ -343,11 +322,7 @@ impl Store {
     pub(super) fn listing(&self, c: &CollectionId) -> Option<(u64, Vec<(String, u64)>)> {
         let state = self.lock();
         let collection = state.collections.get(c).filter(|col| col.live)?;
-        let records = collection
-            .records
-            .iter()
-            .map(|(id, r)| (id.clone(), r.version))
-            .collect();
+        let records = collection.records.iter().map(|(id, r)| (id.clone(), r.version)).collect();
         Some((collection.version, records))
     }
 
@@ -355,10 +330,7 @@ impl Store {
     pub(super) fn record(&self, c: &CollectionId, id: &str) -> Option<(u64, Bytes)> {
         let state = self.lock();
         let collection = state.collections.get(c).filter(|col| col.live)?;
-        collection
-            .records
-            .get(id)
-            .map(|r| (r.version, r.value.clone()))
+        collection.records.get(id).map(|r| (r.version, r.value.clone()))
     }
 
     /// The token that opens a protected collection.
@@ -373,10 +345,7 @@ impl Store {
 
     /// An attachment by its hex hash, either case.
     pub(super) fn attachment(&self, hex: &str) -> Option<Attachment> {
-        self.lock()
-            .attachments
-            .get(&hex.to_ascii_lowercase())
-            .cloned()
+        self.lock().attachments.get(&hex.to_ascii_lowercase()).cloned()
     }
 
     /// Appends to the request log, dropping the oldest entry beyond the limit.
@@ -398,18 +367,12 @@ impl Store {
     /// Queues a webhook; a closed channel means the server is stopping, so the loss is fine.
     fn notify(&self, c: &CollectionId, version: Option<u64>) {
         if let Some(notices) = &self.inner.notices {
-            let _ = notices.send(ChangeNotice {
-                collection: c.clone(),
-                version,
-            });
+            let _ = notices.send(ChangeNotice { collection: c.clone(), version });
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.inner
-            .state
-            .lock()
-            .expect("reference store lock poisoned")
+        self.inner.state.lock().expect("reference store lock poisoned")
     }
 }
 
@@ -424,8 +387,5 @@ fn checked_value(id: &str, bytes: Bytes) -> Option<Bytes> {
 }
 
 fn checked_id(id: &str) {
-    assert!(
-        !id.is_empty(),
-        "record IDs must not be empty: U2 of \"\" would be U1's URL"
-    );
+    assert!(!id.is_empty(), "record IDs must not be empty: U2 of \"\" would be U1's URL");
 }

@@ -18,8 +18,7 @@ pub(super) enum ValueError {
 /// Decodes exactly one CBOR item (ciborium's nesting limit of 256 applies).
 pub(super) fn decode_cbor(bytes: &[u8]) -> Result<Value, ValueError> {
     let mut rest = bytes;
-    let value: Value =
-        ciborium::from_reader(&mut rest).map_err(|err| ValueError::Cbor(err.to_string()))?;
+    let value: Value = ciborium::from_reader(&mut rest).map_err(|err| ValueError::Cbor(err.to_string()))?;
     if !rest.is_empty() {
         return Err(ValueError::TrailingBytes);
     }
@@ -60,11 +59,9 @@ fn json_to_cbor(json: serde_json::Value) -> Value {
         },
         Json::String(s) => Value::Text(s),
         Json::Array(items) => Value::Array(items.into_iter().map(json_to_cbor).collect()),
-        Json::Object(map) => Value::Map(
-            map.into_iter()
-                .map(|(k, v)| (Value::Text(k), json_to_cbor(v)))
-                .collect(),
-        ),
+        Json::Object(map) => {
+            Value::Map(map.into_iter().map(|(k, v)| (Value::Text(k), json_to_cbor(v))).collect())
+        }
     }
 }
 
@@ -105,9 +102,7 @@ fn map_to_json(entries: Vec<(Value, Value)>) -> serde_json::Value {
         });
         serde_json::Value::Object(object.collect())
     } else {
-        let pairs = entries
-            .into_iter()
-            .map(|(k, v)| serde_json::json!([cbor_to_json(k), cbor_to_json(v)]));
+        let pairs = entries.into_iter().map(|(k, v)| serde_json::json!([cbor_to_json(k), cbor_to_json(v)]));
         serde_json::json!({ "type": "Map", "data": pairs.collect::<Vec<_>>() })
     }
 }

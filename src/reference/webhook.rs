@@ -44,10 +44,7 @@ pub fn sign(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Result<Strin
     let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("HMAC accepts keys of any length");
     mac.update(format!("{id}.{timestamp}.").as_bytes());
     mac.update(body);
-    Ok(format!(
-        "v1,{}",
-        STANDARD.encode(mac.finalize().into_bytes())
-    ))
+    Ok(format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes())))
 }
 
 /// Where webhooks go and how they are signed.
@@ -77,28 +74,16 @@ impl WebhookTarget {
     /// Checks the secret now, so a bad one stops start-up instead of every delivery.
     pub(super) fn new(url: String, secret: Option<String>) -> io::Result<WebhookTarget> {
         if let Some(secret) = &secret {
-            sign(secret, "", 0, b"")
-                .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+            sign(secret, "", 0, b"").map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
         }
-        let client = reqwest::Client::builder()
-            .timeout(ATTEMPT_TIMEOUT)
-            .build()
-            .map_err(io::Error::other)?;
+        let client = reqwest::Client::builder().timeout(ATTEMPT_TIMEOUT).build().map_err(io::Error::other)?;
         let id_prefix = format!("msg_{:016x}", rand::random::<u64>());
-        Ok(WebhookTarget {
-            client,
-            url,
-            secret,
-            id_prefix,
-        })
+        Ok(WebhookTarget { client, url, secret, id_prefix })
     }
 
     /// One attempt: a fresh timestamp and signature, the same `webhook-id` on every retry.
     async fn post(&self, id: &str, body: &[u8]) -> Result<(), DeliveryError> {
-        let mut request = self
-            .client
-            .post(&self.url)
-            .header("content-type", "application/json");
+        let mut request = self.client.post(&self.url).header("content-type", "application/json");
         if let Some(secret) = &self.secret {
             let timestamp = unix_now();
             request = request
@@ -174,8 +159,6 @@ fn notice_body(notice: &ChangeNotice) -> Vec<u8> {
 }
 
 fn unix_now() -> i64 {
-    let since_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX)
 }

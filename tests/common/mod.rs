@@ -5,7 +5,7 @@
 
 use export_sidecar::reference::{CollectionId, ReferenceConfig, ReferenceServer, Store};
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -32,9 +32,25 @@ impl Sidecar {
     }
 
     pub async fn start_with(upstream: &str, extra: &[&str]) -> Sidecar {
+        Sidecar::start_with_journal(upstream, None, extra).await
+    }
+
+    /// Starts with its internal listener on `internal`, which an upstream was told to send
+    /// webhooks to before the sidecar existed.
+    pub async fn start_on(upstream: &str, internal: SocketAddr, extra: &[&str]) -> Sidecar {
+        let ports = Ports { internal: Some(internal), journal: None };
+        Sidecar::start_with_ports(upstream, ports, extra).await
+    }
+
+    /// Starts with a given journal file (to test restarts), or a fresh one in a temp dir.
+    pub async fn start_with_journal(upstream: &str, journal: Option<&Path>, extra: &[&str]) -> Sidecar {
+        Sidecar::start_with_ports(upstream, Ports { internal: None, journal }, extra).await
+    }
+
+    async fn start_with_ports(upstream: &str, ports: Ports<'_>, extra: &[&str]) -> Sidecar {
         let mut last_error = String::new();
         for _ in 0..3 {
-            match Sidecar::try_start(upstream, extra).await {
+            match Sidecar::try_start(upstream, &ports, extra).await {
                 Ok(sidecar) => return sidecar,
                 Err(e) => last_error = e,
             }
@@ -42,9 +58,10 @@ impl Sidecar {
         panic!("sidecar did not start: {last_error}");
     }
 
-    async fn try_start(upstream: &str, extra: &[&str]) -> Result<Sidecar, String> {
+    async fn try_start(upstream: &str, ports: &Ports<'_>, extra: &[&str]) -> Result<Sidecar, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let (public, internal) = (free_port(), free_port());
+        let journal = ports.journal.map_or_else(|| dir.path().join("journal.sqlite"), Path::to_path_buf);
+        let (public, internal) = (free_port(), ports.internal.unwrap_or_else(free_port));
         let log_path = dir.path().join("sidecar.log");
         let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
         let child = Command::new(env!("CARGO_BIN_EXE_export-sidecar"))
@@ -52,20 +69,14 @@ impl Sidecar {
             .args(["--listen", &public.to_string()])
             .args(["--internal-listen", &internal.to_string()])
             .arg("--journal")
-            .arg(dir.path().join("journal.sqlite"))
+            .arg(&journal)
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .map_err(|e| e.to_string())?;
-        let mut sidecar = Sidecar {
-            child,
-            public,
-            internal,
-            log_path,
-            _dir: dir,
-        };
+        let mut sidecar = Sidecar { child, public, internal, log_path, _dir: dir };
         sidecar.wait_ready().await?;
         Ok(sidecar)
     }
@@ -77,10 +88,7 @@ impl Sidecar {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!("exited with {status}: {}", self.log()));
             }
-            let ready = client
-                .get(format!("http://{}/readyz", self.internal))
-                .send()
-                .await;
+            let ready = client.get(format!("http://{}/readyz", self.internal)).send().await;
             if ready.is_ok_and(|r| r.status() == 200) {
                 return Ok(());
             }
@@ -115,6 +123,12 @@ impl Sidecar {
     }
 }
 
+/// What a test fixes about a sidecar; everything else is chosen fresh.
+struct Ports<'a> {
+    internal: Option<SocketAddr>,
+    journal: Option<&'a Path>,
+}
+
 /// A port that was free a moment ago (the sidecar binds it next; start-up retries on a race).
 pub fn free_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
@@ -130,18 +144,12 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start() -> Stack {
-        let reference = ReferenceServer::start(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            ReferenceConfig::default(),
-        )
-        .await
-        .expect("reference server starts");
+        let reference =
+            ReferenceServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), ReferenceConfig::default())
+                .await
+                .expect("reference server starts");
         let sidecar = Sidecar::start(&reference.url()).await;
-        Stack {
-            reference,
-            sidecar,
-            client: client(),
-        }
+        Stack { reference, sidecar, client: client() }
     }
 
     pub fn store(&self) -> &Store {
@@ -153,11 +161,7 @@ impl Stack {
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.client
-            .get(self.url(path))
-            .send()
-            .await
-            .expect("request reaches the sidecar")
+        self.client.get(self.url(path)).send().await.expect("request reaches the sidecar")
     }
 }
 
@@ -180,16 +184,9 @@ pub fn cbor(value: &ciborium::Value) -> bytes::Bytes {
 /// The JSON error body every client-facing error carries.
 pub async fn error_body(response: reqwest::Response) -> (u16, String, String) {
     let status = response.status().as_u16();
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    assert_eq!(
-        content_type, "application/json",
-        "error {status} must be JSON"
-    );
+    let content_type =
+        response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    assert_eq!(content_type, "application/json", "error {status} must be JSON");
     let text = response.text().await.expect("error body");
     let body: serde_json::Value = serde_json::from_str(&text).expect("error body is JSON");
     let code = body["error"].as_str().expect("error code").to_owned();
@@ -228,10 +225,8 @@ pub fn expected_json(value: &ciborium::Value) -> serde_json::Value {
                 }
                 J::Object(object)
             } else {
-                let pairs: Vec<J> = entries
-                    .iter()
-                    .map(|(k, v)| J::Array(vec![expected_json(k), expected_json(v)]))
-                    .collect();
+                let pairs: Vec<J> =
+                    entries.iter().map(|(k, v)| J::Array(vec![expected_json(k), expected_json(v)])).collect();
                 json!({"type": "Map", "data": pairs})
             }
         }

@@ -1,0 +1,108 @@
+//! Listing re-reads after a collection may have changed (a webhook, a poll), each recorded in
+//! the journal. A burst for one collection causes at most one read in flight plus one queued.
+
+use crate::collection::Collection;
+use crate::journal::VersionJournal;
+use crate::upstream::{Credentials, Upstream};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Schedules re-reads. Cheap to clone; clones share the schedule.
+#[derive(Clone)]
+pub struct Refresher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    upstream: Upstream,
+    journal: Arc<VersionJournal>,
+    /// The sidecar's own credentials (`changes.upstream_authorization`), never a client's.
+    credentials: Credentials,
+    /// Collections with a read in flight, and whether another is queued behind it.
+    in_flight: Mutex<HashMap<Collection, bool>>,
+    /// The last `ETag` each collection's listing carried, sent back as `If-None-Match`.
+    etags: Mutex<HashMap<Collection, String>>,
+}
+
+impl Refresher {
+    pub fn new(upstream: Upstream, journal: Arc<VersionJournal>, credentials: Credentials) -> Refresher {
+        let inner = Inner {
+            upstream,
+            journal,
+            credentials,
+            in_flight: Mutex::new(HashMap::new()),
+            etags: Mutex::new(HashMap::new()),
+        };
+        Refresher { inner: Arc::new(inner) }
+    }
+
+    /// Asks for a re-read of `collection`; returns at once. Must be called within a runtime.
+    pub fn request(&self, collection: Collection) {
+        {
+            let mut in_flight = self.inner.in_flight.lock().expect("refresh schedule lock");
+            if let Some(queued) = in_flight.get_mut(&collection) {
+                // One read is running; one more after it sees every change up to then.
+                *queued = true;
+                return;
+            }
+            in_flight.insert(collection.clone(), false);
+        }
+        let inner = Arc::clone(&self.inner);
+        tokio::spawn(async move { inner.run(collection).await });
+    }
+
+    /// True while a re-read of `collection` is running or queued (for tests and metrics).
+    pub fn is_busy(&self, collection: &Collection) -> bool {
+        self.inner.in_flight.lock().expect("refresh schedule lock").contains_key(collection)
+    }
+}
+
+impl Inner {
+    async fn run(&self, collection: Collection) {
+        loop {
+            self.read_once(&collection).await;
+            let mut in_flight = self.in_flight.lock().expect("refresh schedule lock");
+            match in_flight.get_mut(&collection) {
+                Some(queued) if *queued => *queued = false,
+                _ => {
+                    in_flight.remove(&collection);
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn read_once(&self, collection: &Collection) {
+        let etag = self.etags.lock().expect("etag lock").get(collection).cloned();
+        let listing =
+            match self.upstream.listing_if_changed(collection, &self.credentials, etag.as_deref()).await {
+                Ok(Some(listing)) => listing,
+                Ok(None) => {
+                    tracing::debug!(collection = %collection, "listing unchanged");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(collection = %collection, error = %e, "listing re-read failed");
+                    return;
+                }
+            };
+        if let Some(etag) = &listing.etag {
+            self.etags.lock().expect("etag lock").insert(collection.clone(), etag.clone());
+        }
+        let journal = Arc::clone(&self.journal);
+        let c = collection.clone();
+        let recorded = tokio::task::spawn_blocking(move || {
+            journal.record(&c, &listing.version, &listing.entries).map(|_| listing.version)
+        })
+        .await;
+        match recorded {
+            Ok(Ok(version)) => {
+                tracing::debug!(collection = %collection, version, "recorded version")
+            }
+            Ok(Err(e)) => {
+                tracing::error!(collection = %collection, error = %e, "cannot record version")
+            }
+            Err(e) => tracing::error!(collection = %collection, error = %e, "journal task failed"),
+        }
+    }
+}

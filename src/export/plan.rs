@@ -1,0 +1,136 @@
+//! Decides what a record export contains: the whole listing, or for pull-sync only the records
+//! changed since a version plus tombstones for deletions, computed from the version journal.
+
+use super::route::Since;
+use crate::collection::Collection;
+use crate::error::ApiError;
+use crate::journal::{Diff, JournalError, Seq, VersionJournal};
+use crate::upstream::Listing;
+use std::sync::Arc;
+
+/// One entry of an export, in recordID order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportItem {
+    /// A record to fetch (U2) and write.
+    Record(String),
+    /// A record that existed at the client's version and exists no more.
+    Tombstone(String),
+}
+
+impl ExportItem {
+    pub fn id(&self) -> &str {
+        match self {
+            ExportItem::Record(id) | ExportItem::Tombstone(id) => id,
+        }
+    }
+}
+
+/// Records `listing` as a version in the journal (so its `X-Version` can be synced from later)
+/// and returns what to export.
+pub async fn plan(
+    journal: &Arc<VersionJournal>,
+    collection: &Collection,
+    listing: Listing,
+    since: Option<Since>,
+) -> Result<Vec<ExportItem>, ApiError> {
+    let journal = Arc::clone(journal);
+    let collection = collection.clone();
+    blocking(move || {
+        let current = journal.record(&collection, &listing.version, &listing.entries)?;
+        let Some(since) = since else {
+            return Ok(Ok(listing.entries.into_iter().map(|e| ExportItem::Record(e.id)).collect()));
+        };
+        let Some(from) = sync_start(&journal, &collection, &since)? else {
+            return Ok(Err(version_unknown()));
+        };
+        // A client can be ahead of this listing (it heard of a newer version from an event
+        // while this read saw an older one): nothing is newer than what it has.
+        if from >= current {
+            return Ok(Ok(Vec::new()));
+        }
+        match journal.diff(&collection, Some(from), current) {
+            Ok(diff) => Ok(Ok(merge(diff))),
+            // Pruned between looking the version up and reading the diff.
+            Err(JournalError::NotKept { .. }) => Ok(Err(version_unknown())),
+            Err(e) => Err(e),
+        }
+    })
+    .await?
+}
+
+/// The journal sequence a sync starts from, or `None` when the version is not kept.
+/// `at=V` starts from the version before V, so V's own changes are included; with no
+/// earlier version kept, what changed in V is unknown and only a full export is safe.
+fn sync_start(
+    journal: &VersionJournal,
+    collection: &Collection,
+    since: &Since,
+) -> Result<Option<Seq>, JournalError> {
+    match since {
+        Since::After(version) => journal.seq_of(collection, version),
+        Since::At(version) => match journal.seq_of(collection, version)? {
+            Some(seq) => journal.previous_seq(collection, seq),
+            None => Ok(None),
+        },
+    }
+}
+
+/// Changed records and tombstones in one recordID-ordered list (the two are disjoint).
+fn merge(diff: Diff) -> Vec<ExportItem> {
+    let changed = diff.changed.into_iter().map(ExportItem::Record);
+    let deleted = diff.deleted.into_iter().map(ExportItem::Tombstone);
+    let mut items: Vec<ExportItem> = changed.chain(deleted).collect();
+    items.sort_unstable_by(|a, b| a.id().cmp(b.id()));
+    items
+}
+
+/// Runs journal work off the async threads; a journal failure is the sidecar's 503.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, JournalError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let result = tokio::task::spawn_blocking(work).await.map_err(|e| {
+        tracing::error!(error = %e, "journal task failed");
+        journal_unavailable()
+    })?;
+    result.map_err(|e| {
+        tracing::error!(error = %e, "version journal failed");
+        journal_unavailable()
+    })
+}
+
+fn journal_unavailable() -> ApiError {
+    ApiError::new(503, "journal_unavailable", "the version journal cannot be used right now; try again later")
+        .with_header("retry-after", "5")
+}
+
+/// Pull-sync needs a version the sidecar still keeps; without one the only safe answer is a
+/// full export, or the client would keep records deleted since.
+pub fn version_unknown() -> ApiError {
+    ApiError::new(
+        410,
+        "version_unknown",
+        "this version is not known to the sidecar (never handed out, or expired): download a full \
+         export (without after= or at=) and sync from its X-Version",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_keeps_recordid_order() {
+        let diff = Diff {
+            changed: vec!["a".into(), "c".into(), "e".into()],
+            deleted: vec!["b".into(), "d".into(), "f".into(), "g".into()],
+        };
+        let ids: Vec<String> = merge(diff)
+            .iter()
+            .map(|i| match i {
+                ExportItem::Record(id) => format!("+{id}"),
+                ExportItem::Tombstone(id) => format!("-{id}"),
+            })
+            .collect();
+        assert_eq!(ids, ["+a", "-b", "+c", "-d", "+e", "-f", "-g"]);
+    }
+}
