@@ -3,7 +3,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use export_sidecar::config::{Config, LogFormat};
-use export_sidecar::reference::{seed_demo, ReferenceConfig, ReferenceServer};
+use export_sidecar::reference::{seed_demo, ReferenceConfig, ReferenceServer, DEMO_TOKEN};
 use export_sidecar::server;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -129,23 +129,58 @@ fn apply_overrides(config: &mut Config, args: RunArgs) {
     }
 }
 
+/// Signs the demo reference server's webhooks, so the demo shows the verified path.
+const DEMO_WEBHOOK_SECRET: &str = "whsec_ZXhwb3J0LXNpZGVjYXItZGVtby13ZWJob29rLXNlY3JldA==";
+
 fn demo(args: DemoArgs) -> Result<(), String> {
     let mut config = Config::default();
     init_logging(&config);
     let runtime = reference_runtime()?;
+    let reference_config = ReferenceConfig {
+        webhook_url: Some(format!("http://{}/hooks/changes", args.internal_listen)),
+        webhook_secret: Some(DEMO_WEBHOOK_SECRET.to_owned()),
+    };
     let reference = runtime
-        .block_on(ReferenceServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), ReferenceConfig::default()))
+        .block_on(ReferenceServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), reference_config))
         .map_err(|e| format!("cannot start the reference server: {e}"))?;
-    seed_demo(reference.store());
     config.upstream.url = reference.url();
     config.listen.public = args.listen;
     config.listen.internal = args.internal_listen;
-    config.journal.path = std::env::temp_dir().join("export-sidecar-demo-journal.sqlite");
+    config.changes.webhook_secret = DEMO_WEBHOOK_SECRET.to_owned();
+    config.changes.upstream_authorization = format!("Bearer {DEMO_TOKEN}");
+    config.journal.path = fresh_demo_journal()?;
     config.validate().map_err(|e| e.to_string())?;
+    // Seeded once the sidecar listens, so the seed's webhooks reach it.
+    let store = reference.store().clone();
+    runtime.spawn(async move {
+        wait_for_listener(args.internal_listen).await;
+        seed_demo(&store);
+    });
     print_demo_help(&reference.url(), args.listen, args.internal_listen);
     let result = server::run(&config).map_err(|e| e.to_string());
     drop(runtime);
     result
+}
+
+/// The demo's reference server starts empty, so versions from an earlier run would name other
+/// states: each demo starts with an empty journal.
+fn fresh_demo_journal() -> Result<PathBuf, String> {
+    let path = std::env::temp_dir().join("export-sidecar-demo-journal.sqlite");
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", path.display()));
+        match std::fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot remove the old demo journal {}: {e}", file.display())),
+        }
+    }
+    Ok(path)
+}
+
+async fn wait_for_listener(addr: SocketAddr) {
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 fn print_demo_help(upstream: &str, public: SocketAddr, internal: SocketAddr) {

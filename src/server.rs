@@ -75,6 +75,12 @@ pub fn build(config: &Config) -> Result<Server, ConfigError> {
     Ok(server)
 }
 
+fn check_free(key: &'static str, addr: std::net::SocketAddr) -> Result<(), ConfigError> {
+    std::net::TcpListener::bind(addr)
+        .map(drop)
+        .map_err(|e| ConfigError::Invalid { key, message: format!("cannot listen on {addr}: {e}") })
+}
+
 /// Credentials for the sidecar's own re-reads; clients' credentials are never kept for this.
 fn service_credentials(config: &Config) -> Credentials {
     let value = &config.changes.upstream_authorization;
@@ -86,6 +92,9 @@ fn service_credentials(config: &Config) -> Credentials {
 
 /// Runs until SIGTERM (graceful) or SIGINT (immediate).
 pub fn run(config: &Config) -> Result<(), ConfigError> {
+    // pingora retries a busy address forever; an operator wants to hear about it at once.
+    check_free("listen.public", config.listen.public)?;
+    check_free("listen.internal", config.listen.internal)?;
     let server = build(config)?;
     tracing::info!(
         public = %config.listen.public,

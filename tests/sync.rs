@@ -259,7 +259,8 @@ async fn the_reference_servers_own_webhooks_keep_the_journal_current() {
     let (_, rows) =
         json_lines(&stack, &format!("/export/datasets/u:pushed?encoding=json-lines&at={v2}")).await;
     // Everything since the version before v2: v2's own changes and the later write.
-    let expected = [("a", serde_json::Value::Null), ("b", serde_json::json!("b")), ("c", serde_json::json!("c"))];
+    let expected =
+        [("a", serde_json::Value::Null), ("b", serde_json::json!("b")), ("c", serde_json::json!("c"))];
     assert_eq!(rows, expected.map(|(id, v)| (id.to_owned(), v)));
 }
 

@@ -81,6 +81,11 @@ impl Inner {
                     tracing::debug!(collection = %collection, "listing unchanged");
                     return;
                 }
+                Err(e) if e.is_refusal() => {
+                    let hint = "set changes.upstream_authorization if the collection is protected";
+                    tracing::warn!(collection = %collection, error = %e, hint, "listing re-read refused");
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(collection = %collection, error = %e, "listing re-read failed");
                     return;

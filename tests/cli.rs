@@ -1,0 +1,87 @@
+//! The command line as operators use it: start-up refusals that name the setting, and the
+//! demo that the README's first command runs.
+
+mod common;
+
+use common::free_port;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn sidecar() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_export-sidecar"))
+}
+
+/// Runs `export-sidecar run` expecting it to refuse to start; returns its error output.
+fn refused(upstream: &str, public: &str, extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = sidecar()
+        .args(["run", "--upstream", upstream])
+        .args(["--listen", public, "--internal-listen", &free_port().to_string()])
+        .arg("--journal")
+        .arg(dir.path().join("journal.sqlite"))
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("runs");
+    assert!(!output.status.success(), "start-up should have been refused");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn a_busy_listen_address_stops_start_up() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = held.local_addr().expect("addr").to_string();
+    let message = refused("http://127.0.0.1:9", &addr, &[]);
+    assert!(message.contains("listen.public") && message.contains(&addr), "{message}");
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        ("[upstream]\nconcurency = 4\n", "concurency"),
+        ("[upstream]\nconcurrency = 0\n", "upstream.concurrency"),
+        ("[listen]\npublic = \"not an address\"\n", "public"),
+        ("[log]\nformat = \"xml\"\n", "format"),
+        ("[changes]\nwebhook_secret = \"whsec_%%%\"\n", "changes.webhook_secret"),
+    ];
+    for (text, key) in cases {
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, text).expect("write config");
+        let public = free_port().to_string();
+        let message = refused("http://127.0.0.1:9", &public, &["--config", path.to_str().expect("utf-8")]);
+        assert!(message.contains(key), "{text:?} should name {key}: {message}");
+    }
+    let message = refused("https://example.invalid", &free_port().to_string(), &[]);
+    assert!(message.contains("upstream.url"), "{message}");
+}
+
+#[tokio::test]
+async fn the_demo_serves_its_sample_collections() {
+    let (public, internal) = (free_port(), free_port());
+    let mut demo = sidecar()
+        .args(["demo", "--listen", &public.to_string(), "--internal-listen", &internal.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("demo starts");
+    let client = common::client();
+    let url = format!("http://{public}/export/datasets/demo:animals?encoding=json-lines");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        assert!(Instant::now() < deadline, "the demo did not serve its collection in 30 s");
+        if let Ok(response) = client.get(&url).send().await {
+            if response.status() == 200 {
+                break response.text().await.expect("body");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(body.lines().count() > 400, "demo:animals holds hundreds of records");
+    let private = format!("http://{public}/export/datasets/private:diary?encoding=json");
+    assert_eq!(client.get(&private).send().await.expect("sent").status(), 401);
+    let with_token = client.get(&private).bearer_auth("demo-token").send().await.expect("sent");
+    assert_eq!(with_token.status(), 200);
+    let _ = demo.kill();
+    let _ = demo.wait();
+}
