@@ -15,6 +15,7 @@ pub struct Config {
     pub export: ExportConfig,
     pub journal: JournalConfig,
     pub changes: ChangesConfig,
+    pub events: EventsConfig,
     pub server: ServerConfig,
     pub log: LogConfig,
 }
@@ -79,6 +80,37 @@ pub struct ChangesConfig {
     /// `Authorization` value for the sidecar's own listing re-reads (webhooks, polls), for
     /// collections the dataset server protects; empty sends none. Never sent for clients.
     pub upstream_authorization: String,
+}
+
+/// The change feed (`/event-stream`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Seconds between heartbeat comments, which keep idle connections open through proxies.
+    pub heartbeat_seconds: u64,
+    /// Open event streams at most; a subscriber over the cap is told to retry later.
+    pub max_connections: usize,
+    /// Seconds a stream lives at most (each gets 80–100 % of it, so reconnects spread out);
+    /// 0 means no limit.
+    pub max_lifetime_seconds: u64,
+    /// A subscriber whose socket accepts nothing for this many seconds is disconnected; it
+    /// resumes with `Last-Event-ID`.
+    pub write_timeout_seconds: u64,
+    /// The reconnection delay suggested to clients (`retry:`), in milliseconds; each stream
+    /// gets a random value between this and twice this.
+    pub retry_ms: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            heartbeat_seconds: 15,
+            max_connections: 10_000,
+            max_lifetime_seconds: 0,
+            write_timeout_seconds: 30,
+            retry_ms: 3_000,
+        }
+    }
 }
 
 /// Process-level settings of the proxy server.
@@ -203,6 +235,11 @@ impl Config {
         check_range("export.chunk_bytes", self.export.chunk_bytes, 512, 16 << 20)?;
         check_range("export.flush_interval_ms", self.export.flush_interval_ms, 1, 60_000)?;
         check_range("server.threads", self.server.threads, 0, 1024)?;
+        check_range("events.heartbeat_seconds", self.events.heartbeat_seconds, 1, 3_600)?;
+        check_range("events.max_connections", self.events.max_connections, 0, 10_000_000)?;
+        check_range("events.max_lifetime_seconds", self.events.max_lifetime_seconds, 0, 604_800)?;
+        check_range("events.write_timeout_seconds", self.events.write_timeout_seconds, 1, 3_600)?;
+        check_range("events.retry_ms", self.events.retry_ms, 100, 3_600_000)?;
         check_range("server.grace_period_seconds", self.server.grace_period_seconds, 0, 86_400)?;
         if self.listen.public == self.listen.internal {
             return Err(invalid("listen.internal", "must differ from listen.public"));

@@ -13,10 +13,10 @@
 //! read in its own transaction so it sees one consistent snapshot even while a prune runs.
 
 use crate::collection::Collection;
-use crate::upstream::ListingEntry;
+use crate::upstream::{Listing, ListingEntry};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A version's position in the journal: global over all collections, increasing, never reused
@@ -123,6 +123,8 @@ pub enum JournalError {
     NotKept { collection: String, seq: Seq },
     #[error("a diff of {collection} from seq {from} back to seq {to}: from must not be after to")]
     Backwards { collection: String, from: Seq, to: Seq },
+    #[error("the version journal's worker task failed: {0}")]
+    Task(String),
     #[error("cannot read the size of the version journal {path}: {source}")]
     Size {
         path: PathBuf,
@@ -633,6 +635,22 @@ fn file_len(path: &Path) -> Result<u64, JournalError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
         Err(source) => Err(JournalError::Size { path: path.to_owned(), source }),
     }
+}
+
+/// Records a listing from async code: the SQLite work runs on the blocking pool, and the
+/// listing comes back with its sequence for the caller to go on with.
+pub async fn record_listing(
+    journal: &Arc<VersionJournal>,
+    collection: &Collection,
+    listing: Listing,
+) -> Result<(Seq, Listing), JournalError> {
+    let (journal, collection) = (Arc::clone(journal), collection.clone());
+    tokio::task::spawn_blocking(move || {
+        let seq = journal.record(&collection, &listing.version, &listing.entries)?;
+        Ok((seq, listing))
+    })
+    .await
+    .map_err(|e| JournalError::Task(e.to_string()))?
 }
 
 #[cfg(test)]

@@ -55,6 +55,12 @@ struct RunArgs {
     /// Seconds between listing polls for servers without webhooks; 0 disables.
     #[arg(long, value_name = "SECONDS")]
     poll_interval: Option<u64>,
+    /// Seconds between heartbeat comments on event streams.
+    #[arg(long, value_name = "SECONDS")]
+    sse_heartbeat: Option<u64>,
+    /// Open event streams at most.
+    #[arg(long, value_name = "N")]
+    sse_max_connections: Option<usize>,
 }
 
 #[derive(Args)]
@@ -126,6 +132,12 @@ fn apply_overrides(config: &mut Config, args: RunArgs) {
     }
     if let Some(seconds) = args.poll_interval {
         config.changes.poll_interval_seconds = seconds;
+    }
+    if let Some(seconds) = args.sse_heartbeat {
+        config.events.heartbeat_seconds = seconds;
+    }
+    if let Some(max) = args.sse_max_connections {
+        config.events.max_connections = max;
     }
 }
 

@@ -2,6 +2,7 @@
 //! `run` blocks until a shutdown signal, as pingora's server owns its own runtimes.
 
 use crate::admin::Admin;
+use crate::changes::hub::Hub;
 use crate::changes::poller::{RecentExports, Upkeep};
 use crate::changes::refresh::Refresher;
 use crate::changes::webhook::WebhookVerifier;
@@ -28,12 +29,16 @@ pub fn build(config: &Config) -> Result<Server, ConfigError> {
     let journal = Arc::new(journal);
     let verifier = WebhookVerifier::new(Some(&config.changes.webhook_secret))
         .map_err(|message| ConfigError::Invalid { key: "changes.webhook_secret", message })?;
-    let refresher = Refresher::new(upstream.clone(), Arc::clone(&journal), service_credentials(config));
+    let hub = Hub::new(Arc::clone(&journal));
+    let refresher =
+        Refresher::new(upstream.clone(), Arc::clone(&journal), hub.clone(), service_credentials(config));
     let recent = Arc::new(RecentExports::default());
     let exporter = Exporter {
         upstream,
         journal: Arc::clone(&journal),
         recent: Arc::clone(&recent),
+        hub: hub.clone(),
+        events: config.events.clone(),
         config: config.export.clone(),
         concurrency: config.upstream.concurrency,
     };
@@ -62,6 +67,7 @@ pub fn build(config: &Config) -> Result<Server, ConfigError> {
     let upkeep = Upkeep {
         refresher,
         recent,
+        hub,
         journal,
         retention: config.retention(),
         poll_interval: (poll > 0).then(|| Duration::from_secs(poll)),

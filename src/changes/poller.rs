@@ -1,6 +1,7 @@
 //! Background upkeep: polling listings for dataset servers that send no webhooks, and pruning
-//! the journal. Polls cover the collections exported lately.
+//! the journal. Polls cover collections with event-stream subscribers or exported lately.
 
+use super::hub::Hub;
 use super::refresh::Refresher;
 use crate::collection::Collection;
 use crate::journal::{Retention, VersionJournal};
@@ -40,6 +41,8 @@ impl RecentExports {
 pub struct Upkeep {
     pub refresher: Refresher,
     pub recent: Arc<RecentExports>,
+    /// Its watched collections are polled too.
+    pub hub: Hub,
     pub journal: Arc<VersionJournal>,
     pub retention: Retention,
     /// `None` disables polling.
@@ -68,7 +71,11 @@ impl BackgroundService for Upkeep {
 
 impl Upkeep {
     fn poll(&self) {
-        for collection in self.recent.within(self.poll_window) {
+        let mut collections = self.recent.within(self.poll_window);
+        collections.extend(self.hub.watched());
+        collections.sort_by_key(|c| c.to_string());
+        collections.dedup();
+        for collection in collections {
             self.refresher.request(collection);
         }
     }

@@ -1,8 +1,9 @@
 //! Listing re-reads after a collection may have changed (a webhook, a poll), each recorded in
 //! the journal. A burst for one collection causes at most one read in flight plus one queued.
 
+use super::hub::{FeedState, Hub};
 use crate::collection::Collection;
-use crate::journal::VersionJournal;
+use crate::journal::{record_listing, VersionJournal};
 use crate::upstream::{Credentials, Upstream};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,8 @@ pub struct Refresher {
 struct Inner {
     upstream: Upstream,
     journal: Arc<VersionJournal>,
+    /// Hears of every version recorded, for the change feed's subscribers.
+    hub: Hub,
     /// The sidecar's own credentials (`changes.upstream_authorization`), never a client's.
     credentials: Credentials,
     /// Collections with a read in flight, and whether another is queued behind it.
@@ -25,10 +28,16 @@ struct Inner {
 }
 
 impl Refresher {
-    pub fn new(upstream: Upstream, journal: Arc<VersionJournal>, credentials: Credentials) -> Refresher {
+    pub fn new(
+        upstream: Upstream,
+        journal: Arc<VersionJournal>,
+        hub: Hub,
+        credentials: Credentials,
+    ) -> Refresher {
         let inner = Inner {
             upstream,
             journal,
+            hub,
             credentials,
             in_flight: Mutex::new(HashMap::new()),
             etags: Mutex::new(HashMap::new()),
@@ -94,20 +103,14 @@ impl Inner {
         if let Some(etag) = &listing.etag {
             self.etags.lock().expect("etag lock").insert(collection.clone(), etag.clone());
         }
-        let journal = Arc::clone(&self.journal);
-        let c = collection.clone();
-        let recorded = tokio::task::spawn_blocking(move || {
-            journal.record(&c, &listing.version, &listing.entries).map(|_| listing.version)
-        })
-        .await;
-        match recorded {
-            Ok(Ok(version)) => {
-                tracing::debug!(collection = %collection, version, "recorded version")
+        match record_listing(&self.journal, collection, listing).await {
+            Ok((seq, listing)) => {
+                tracing::debug!(collection = %collection, version = listing.version, "recorded version");
+                let ids = listing.entries.into_iter().map(|e| e.id).collect();
+                let state = FeedState { seq, version: listing.version, ids: Arc::new(ids) };
+                self.hub.publish(collection, state).await;
             }
-            Ok(Err(e)) => {
-                tracing::error!(collection = %collection, error = %e, "cannot record version")
-            }
-            Err(e) => tracing::error!(collection = %collection, error = %e, "journal task failed"),
+            Err(e) => tracing::error!(collection = %collection, error = %e, "cannot record version"),
         }
     }
 }

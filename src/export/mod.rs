@@ -4,14 +4,16 @@
 pub mod body;
 pub mod encoder;
 pub mod etag;
+pub mod events;
 pub mod plan;
 pub mod records;
 pub mod response;
 pub mod route;
 
+use crate::changes::hub::Hub;
 use crate::changes::poller::RecentExports;
 use crate::collection::Collection;
-use crate::config::ExportConfig;
+use crate::config::{EventsConfig, ExportConfig};
 use crate::error::ApiError;
 use crate::journal::VersionJournal;
 use crate::upstream::{Credentials, Upstream};
@@ -61,6 +63,9 @@ pub struct Exporter {
     pub journal: Arc<VersionJournal>,
     /// Collections exported lately, which the poller keeps re-reading.
     pub recent: Arc<RecentExports>,
+    /// The change feed's watchers and subscribers.
+    pub hub: Hub,
+    pub events: EventsConfig,
     pub config: ExportConfig,
     /// Record fetches in flight per export.
     pub concurrency: usize,
@@ -96,7 +101,8 @@ impl Exporter {
             ExportKind::Records { encoding, since } => {
                 self.records(session, log, request.collection, encoding, since).await
             }
-            ExportKind::Zip | ExportKind::EventStream => {
+            ExportKind::EventStream => self.events(session, log, request.collection).await,
+            ExportKind::Zip => {
                 let error = ApiError::new(501, "not_implemented", "this export is not available yet");
                 reject(session, log, &error).await
             }
