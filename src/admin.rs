@@ -3,6 +3,7 @@
 
 use crate::changes::refresh::Refresher;
 use crate::changes::webhook::{Accepted, WebhookVerifier, MAX_BODY};
+use crate::metrics;
 use async_trait::async_trait;
 use http::{Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
@@ -27,9 +28,16 @@ impl ServeHttp for Admin {
             "/healthz" => json(StatusCode::OK, r#"{"status":"alive"}"#),
             "/readyz" => self.readiness().await,
             "/hooks/changes" => self.webhook(session).await,
+            "/metrics" => {
+                let mut response = Response::new(metrics::get().render());
+                response
+                    .headers_mut()
+                    .insert("content-type", http::HeaderValue::from_static("text/plain; version=0.0.4"));
+                response
+            }
             _ => json(
                 StatusCode::NOT_FOUND,
-                r#"{"error":"not_found","message":"internal endpoints are POST /hooks/changes, /healthz and /readyz"}"#,
+                r#"{"error":"not_found","message":"internal endpoints are POST /hooks/changes, /healthz, /readyz and /metrics"}"#,
             ),
         }
     }
@@ -52,12 +60,17 @@ impl Admin {
         };
         match self.verifier.check(&session.req_header().headers, &body, SystemTime::now()) {
             Ok(Accepted::Notice(notice)) => {
+                metrics::get().webhooks.with_label_values(&["accepted"]).inc();
                 tracing::debug!(collection = %notice.collection, version = ?notice.version, "webhook accepted");
                 self.refresher.request(notice.collection);
                 json(StatusCode::ACCEPTED, r#"{"status":"accepted"}"#)
             }
-            Ok(Accepted::Replay) => json(StatusCode::ACCEPTED, r#"{"status":"duplicate"}"#),
+            Ok(Accepted::Replay) => {
+                metrics::get().webhooks.with_label_values(&["duplicate"]).inc();
+                json(StatusCode::ACCEPTED, r#"{"status":"duplicate"}"#)
+            }
             Err(rejection) => {
+                metrics::get().webhooks.with_label_values(&[rejection.reason()]).inc();
                 tracing::warn!(reason = rejection.reason(), detail = %rejection, "webhook refused");
                 let body = serde_json::json!({"error": rejection.reason(), "message": rejection.to_string()});
                 let status = StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::BAD_REQUEST);

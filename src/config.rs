@@ -51,6 +51,9 @@ pub struct ExportConfig {
     /// A partly filled chunk is sent (and the compressor flushed) after this long without one,
     /// so a slow export still shows progress.
     pub flush_interval_ms: u64,
+    /// Where zip exports spool attachments while checking their hash; empty means the system
+    /// temporary directory. A setting because attachments can be large and `/tmp` small.
+    pub temp_dir: PathBuf,
 }
 
 /// The version journal behind pull-sync: where it lives and how long versions are kept.
@@ -162,7 +165,18 @@ impl Default for ListenConfig {
 
 impl Default for ExportConfig {
     fn default() -> Self {
-        ExportConfig { chunk_bytes: 64 * 1024, flush_interval_ms: 200 }
+        ExportConfig { chunk_bytes: 64 * 1024, flush_interval_ms: 200, temp_dir: PathBuf::new() }
+    }
+}
+
+impl ExportConfig {
+    /// The directory attachment spool files go to.
+    pub fn spool_dir(&self) -> PathBuf {
+        if self.temp_dir.as_os_str().is_empty() {
+            std::env::temp_dir()
+        } else {
+            self.temp_dir.clone()
+        }
     }
 }
 
@@ -234,6 +248,12 @@ impl Config {
         check_range("upstream.idle_timeout_ms", self.upstream.idle_timeout_ms, 1, 3_600_000)?;
         check_range("export.chunk_bytes", self.export.chunk_bytes, 512, 16 << 20)?;
         check_range("export.flush_interval_ms", self.export.flush_interval_ms, 1, 60_000)?;
+        if !self.export.spool_dir().is_dir() {
+            return Err(invalid(
+                "export.temp_dir",
+                format!("{} is not a directory", self.export.spool_dir().display()),
+            ));
+        }
         check_range("server.threads", self.server.threads, 0, 1024)?;
         check_range("events.heartbeat_seconds", self.events.heartbeat_seconds, 1, 3_600)?;
         check_range("events.max_connections", self.events.max_connections, 0, 10_000_000)?;
@@ -366,6 +386,14 @@ mod tests {
         config.upstream.url = "http://127.0.0.1:3000/base".into();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("upstream.url"), "{err}");
+    }
+
+    #[test]
+    fn temp_dir_must_be_a_directory() {
+        let mut config = Config::default();
+        config.export.temp_dir = PathBuf::from("/nonexistent/export-sidecar-spool");
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("export.temp_dir"), "{err}");
     }
 
     #[test]

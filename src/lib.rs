@@ -4,15 +4,19 @@
 //! # Layout
 //! - [`config`]: `proxy.toml` schema, defaults and validation.
 //! - [`server`]: assembles the pingora server (public and internal listeners) and runs it.
+//! - [`shutdown`]: SIGTERM drains in-flight requests, then exits.
 //! - [`proxy`]: the public listener's `ProxyHttp`: routes `/export`, passes the rest through.
-//! - [`admin`]: the internal listener (webhooks, health and readiness).
-//! - [`export`]: the export API: routing, the record pipeline, encoders, content coding.
+//! - [`admin`]: the internal listener (webhooks, health, readiness, metrics).
+//! - [`export`]: the export API: routing, sync planning, the record and zip pipelines
+//!   (chunks, encoders, content coding, the zip writer, attachment spooling), event streams.
 //! - [`upstream`]: the dataset-server client (listing, records), credentials forwarded.
 //! - [`journal`]: the SQLite version journal behind pull-sync (`after=` / `at=`).
-//! - [`changes`]: webhooks, polling and pruning: how new versions reach the journal.
+//! - [`changes`]: webhooks, polling and pruning: how new versions reach the journal, and the
+//!   change feed's fan-out to subscribers.
 //! - [`collection`]: collection and record names and their escaped upstream paths.
 //! - [`codec`]: CBOR validation and the CBOR→JSON mapping.
 //! - [`error`]: client-facing errors and their JSON bodies.
+//! - [`metrics`]: the Prometheus metrics served on the internal listener.
 //! - [`reference`]: the reference dataset server used by `demo` and the tests.
 //!
 //! A request flows one way: proxy → export route → upstream listing → journal (record the
@@ -26,7 +30,9 @@ pub mod config;
 pub mod error;
 pub mod export;
 pub mod journal;
+pub mod metrics;
 pub mod proxy;
 pub mod reference;
 pub mod server;
+pub mod shutdown;
 pub mod upstream;

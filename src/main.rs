@@ -75,6 +75,7 @@ struct DemoArgs {
 
 #[derive(Args)]
 struct ReferenceArgs {
+    /// Address to serve the dataset API on.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:3000")]
     listen: SocketAddr,
     /// Load the demo collections.
@@ -83,6 +84,7 @@ struct ReferenceArgs {
     /// Where to send change webhooks.
     #[arg(long, value_name = "URL")]
     webhook_url: Option<String>,
+    /// Standard Webhooks secret (whsec_…) to sign webhooks with.
     #[arg(long, value_name = "S")]
     webhook_secret: Option<String>,
 }

@@ -6,6 +6,7 @@ use crate::error::ApiError;
 use crate::export::response::send_error;
 use crate::export::route::is_export_path;
 use crate::export::{ExportLog, Exporter};
+use crate::shutdown::{InFlight, InFlightGuard};
 use async_trait::async_trait;
 use pingora::modules::http::HttpModules;
 use pingora::prelude::HttpPeer;
@@ -16,11 +17,13 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 pub struct Sidecar {
     pub exporter: Exporter,
     pub target: UpstreamTarget,
+    /// Counts requests so a SIGTERM exits as soon as the last one is done.
+    pub in_flight: InFlight,
 }
 
-/// Per-request state: present only for exports, whose log line is written at the end.
-#[derive(Default)]
+/// Per-request state: the in-flight count it holds, and for exports the log line's facts.
 pub struct RequestCtx {
+    _in_flight: InFlightGuard,
     export: Option<ExportLog>,
 }
 
@@ -29,7 +32,7 @@ impl ProxyHttp for Sidecar {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::default()
+        RequestCtx { _in_flight: self.in_flight.enter(), export: None }
     }
 
     /// No response compression module: pingora's would hold back streamed bodies until their
@@ -65,24 +68,33 @@ impl ProxyHttp for Sidecar {
         FailToProxy { error_code: error.map_or(0, |e| e.status), can_reuse_downstream: false }
     }
 
+    /// Export failures are logged once, by `logging`, with the collection and record; pingora's
+    /// own line would report a 500 the client never saw.
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
+        ctx.export.is_some()
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let Some(log) = &ctx.export else { return };
         let collection = log.collection.as_ref().map(|c| c.to_string()).unwrap_or_default();
         let bytes = session.body_bytes_sent();
+        let records = log.records.load(std::sync::atomic::Ordering::Relaxed);
+        let kind = if log.encoding.is_empty() { "unknown" } else { log.encoding };
+        crate::metrics::get().exports.with_label_values(&[kind, log.outcome]).inc();
         let duration_ms = log.started.elapsed().as_millis() as u64;
         match e {
             None => tracing::info!(
                 collection,
                 encoding = log.encoding,
                 status = log.status,
-                records = log.records,
+                records,
                 bytes,
                 duration_ms,
                 outcome = log.outcome,
                 "export"
             ),
             Some(e) => tracing::warn!(
-                collection, encoding = log.encoding, status = log.status, records = log.records,
+                collection, encoding = log.encoding, status = log.status, records,
                 bytes, duration_ms, outcome = log.outcome, error = %e, "export"
             ),
         }

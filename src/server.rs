@@ -10,6 +10,7 @@ use crate::config::{Config, ConfigError};
 use crate::export::Exporter;
 use crate::journal::VersionJournal;
 use crate::proxy::Sidecar;
+use crate::shutdown::{DrainThenExit, InFlight};
 use crate::upstream::{Credentials, Upstream};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
@@ -18,8 +19,9 @@ use pingora::services::listening::Service;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Builds the server from a validated config; nothing listens until `run`.
-pub fn build(config: &Config) -> Result<Server, ConfigError> {
+/// Builds the server from a validated config; nothing listens until `run`. `in_flight`
+/// counts the public listener's requests.
+pub fn build(config: &Config, in_flight: &InFlight) -> Result<Server, ConfigError> {
     let target = config.upstream.target()?;
     let upstream = Upstream::new(&config.upstream)?;
     let journal = VersionJournal::open(&config.journal.path).map_err(|e| ConfigError::Invalid {
@@ -53,7 +55,7 @@ pub fn build(config: &Config) -> Result<Server, ConfigError> {
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        Sidecar { exporter, target },
+        Sidecar { exporter, target, in_flight: in_flight.clone() },
         "public",
     );
     proxy.add_tcp(&config.listen.public.to_string());
@@ -101,13 +103,14 @@ pub fn run(config: &Config) -> Result<(), ConfigError> {
     // pingora retries a busy address forever; an operator wants to hear about it at once.
     check_free("listen.public", config.listen.public)?;
     check_free("listen.internal", config.listen.internal)?;
-    let server = build(config)?;
+    let in_flight = InFlight::default();
+    let server = build(config, &in_flight)?;
     tracing::info!(
         public = %config.listen.public,
         internal = %config.listen.internal,
         upstream = %config.upstream.url,
         "export-sidecar listening"
     );
-    server.run(RunArgs::default());
+    server.run(RunArgs { shutdown_signal: Box::new(DrainThenExit { in_flight }) });
     Ok(())
 }

@@ -30,7 +30,7 @@ impl Credentials {
     pub fn from_headers(headers: &HeaderMap) -> Credentials {
         Credentials {
             authorization: headers.get(http::header::AUTHORIZATION).cloned(),
-            cookie: headers.get(http::header::COOKIE).cloned(),
+            cookie: joined_cookies(headers),
         }
     }
 
@@ -42,6 +42,19 @@ impl Credentials {
             headers.insert(http::header::COOKIE, value.clone());
         }
     }
+}
+
+/// Every `Cookie` line of the request as one header (RFC 6265 §5.4): HTTP/2 front ends split
+/// cookies into several lines, and the session cookie may be in any of them.
+fn joined_cookies(headers: &HeaderMap) -> Option<HeaderValue> {
+    let mut lines = headers.get_all(http::header::COOKIE).iter();
+    let first = lines.next()?;
+    let mut joined = first.as_bytes().to_vec();
+    for line in lines {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(line.as_bytes());
+    }
+    HeaderValue::from_bytes(&joined).ok()
 }
 
 /// One record as the listing names it.
@@ -84,10 +97,12 @@ impl UpstreamError {
         }
     }
 
-    /// Worth one more try: the connection or the server failed, not the request.
+    /// Worth one more try: the connection or the server failed, not the request. A timeout
+    /// is not: trying again would double the longest wait the operator configured.
     fn is_transient(&self) -> bool {
         match self {
-            UpstreamError::Connect(_) | UpstreamError::Timeout => true,
+            UpstreamError::Connect(_) => true,
+            UpstreamError::Timeout => false,
             UpstreamError::Status { status, .. } => status.is_server_error(),
             UpstreamError::Protocol(_) => false,
         }
@@ -251,8 +266,9 @@ impl Upstream {
             return Ok(None);
         }
         let answer = check_status(answer)?;
-        let version = header_text(&answer.head.headers, "x-version")
-            .ok_or_else(|| UpstreamError::Protocol("the listing has no X-Version header".into()))?;
+        let version = header_text(&answer.head.headers, "x-version").ok_or_else(|| {
+            UpstreamError::Protocol("the listing has no X-Version header, or one that is not ASCII".into())
+        })?;
         let is_json = header_text(&answer.head.headers, "content-type")
             .is_some_and(|t| t.starts_with("application/json"));
         let etag = header_text(&answer.head.headers, "etag");
@@ -288,6 +304,53 @@ impl Upstream {
         let answer = check_status(answer)?;
         self.read_body(answer.body).await.map(Some)
     }
+
+    /// U3: one attachment as a stream, or `None` when the dataset server has no such blob (404).
+    /// Not retried here: a retry must restart the whole download, which only the caller can do.
+    pub async fn attachment(
+        &self,
+        hex: &str,
+        credentials: &Credentials,
+    ) -> Result<Option<AttachmentBody>, UpstreamError> {
+        let mut extra = HeaderMap::new();
+        extra.insert(http::header::ACCEPT, HeaderValue::from_static("*/*"));
+        let answer = self.get(&format!("/attachments/{hex}"), credentials, extra).await?;
+        if answer.head.status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let answer = check_status(answer)?;
+        let content_type = header_text(&answer.head.headers, "content-type");
+        Ok(Some(AttachmentBody { content_type, body: answer.body, idle_timeout: self.idle_timeout }))
+    }
+}
+
+/// An attachment's body as it arrives: blobs can be far larger than memory, so it is handed
+/// out piece by piece instead of collected.
+pub struct AttachmentBody {
+    /// U3's `Content-Type`, which tells whether the blob is worth compressing.
+    pub content_type: Option<String>,
+    body: Incoming,
+    idle_timeout: Duration,
+}
+
+impl AttachmentBody {
+    /// The next piece of the body, `None` at its end; at most the idle timeout passes between pieces.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        loop {
+            let frame = tokio::time::timeout(self.idle_timeout, self.body.frame())
+                .await
+                .map_err(|_| UpstreamError::Timeout)?;
+            match frame {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(UpstreamError::Protocol(error_chain(&e))),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        return Ok(Some(data));
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn check_status(answer: Answer) -> Result<Answer, UpstreamError> {
@@ -310,8 +373,14 @@ pub fn parse_listing(body: &[u8], is_json: bool) -> Result<Vec<ListingEntry>, Up
     } else {
         ciborium::de::from_reader(body).map_err(|e| e.to_string())
     };
-    let mut entries =
-        parsed.map_err(|e| UpstreamError::Protocol(format!("the listing is not a map of records: {e}")))?.0;
+    let mut entries = parsed
+        .map_err(|e| {
+            UpstreamError::Protocol(format!(
+                "the listing is not a map of recordID to {{version}}: {}",
+                brief(&e)
+            ))
+        })?
+        .0;
     entries.sort_unstable_by(|a, b| a.id.cmp(&b.id));
     if let Some(pair) = entries.windows(2).find(|pair| pair[0].id == pair[1].id) {
         return Err(UpstreamError::Protocol(format!("the listing names record {:?} twice", pair[0].id)));
@@ -322,6 +391,14 @@ pub fn parse_listing(body: &[u8], is_json: bool) -> Result<Vec<ListingEntry>, Up
         ));
     }
     Ok(entries)
+}
+
+/// A decoder's message without its debug wrapping (`Semantic(None, "…")`).
+fn brief(message: &str) -> &str {
+    match (message.find('"'), message.rfind('"')) {
+        (Some(start), Some(end)) if end > start => &message[start + 1..end],
+        _ => message,
+    }
 }
 
 /// The listing's wire form: a map recordID → `{version, …}`, decoded straight into entries
@@ -440,6 +517,22 @@ mod tests {
         assert!(matches!(parse_listing(&body, false), Err(UpstreamError::Protocol(_))));
         let body = cbor(&ciborium::Value::Map(vec![(1.into(), 2.into())]));
         assert!(matches!(parse_listing(&body, false), Err(UpstreamError::Protocol(_))));
+    }
+
+    #[test]
+    fn cookie_lines_are_joined() {
+        let mut headers = HeaderMap::new();
+        headers.append(http::header::COOKIE, HeaderValue::from_static("x=1"));
+        headers.append(http::header::COOKIE, HeaderValue::from_static("session=t"));
+        let credentials = Credentials::from_headers(&headers);
+        assert_eq!(credentials.cookie, Some(HeaderValue::from_static("x=1; session=t")));
+    }
+
+    #[test]
+    fn decode_errors_read_plainly() {
+        let body = cbor(&ciborium::Value::Array(vec![]));
+        let err = parse_listing(&body, false).unwrap_err().to_string();
+        assert!(!err.contains("Semantic("), "{err}");
     }
 
     #[test]

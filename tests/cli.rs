@@ -57,6 +57,25 @@ fn config_errors_name_the_key() {
 }
 
 #[tokio::test]
+async fn sigterm_exits_once_nothing_is_in_flight() {
+    let reference = export_sidecar::reference::ReferenceServer::start(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        Default::default(),
+    )
+    .await
+    .expect("reference starts");
+    let mut sidecar = common::Sidecar::start(&reference.url()).await;
+    let started = Instant::now();
+    let status =
+        Command::new("kill").args(["-TERM", &sidecar.pid().to_string()]).status().expect("kill runs");
+    assert!(status.success());
+    // The grace period is 30 s; an idle sidecar must not sleep it out.
+    let exit = sidecar.wait_exit(Duration::from_secs(20)).await.expect("exited after SIGTERM");
+    assert!(exit.success(), "a SIGTERM shutdown exits 0: {exit:?}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test]
 async fn the_demo_serves_its_sample_collections() {
     let (public, internal) = (free_port(), free_port());
     let mut demo = sidecar()

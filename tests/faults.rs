@@ -96,6 +96,42 @@ async fn a_client_that_leaves_stops_the_fetches() {
         "fetches continued after the client left: {after_leaving} then {later}"
     );
     assert!(stack.sidecar.wait_for_log("client_gone").await, "{}", stack.sidecar.log());
+    let line = stack.sidecar.log().lines().find(|l| l.contains("client_gone")).map(str::to_owned);
+    let line = line.expect("the export's log line");
+    assert!(!line.contains("records=0"), "the log line counts the records sent before leaving: {line}");
+}
+
+#[tokio::test]
+async fn http_1_0_exports_are_refused_since_truncation_would_look_complete() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = Stack::start().await;
+    stack.store().write(&collection("datasets", "a", "old"), numbered(3));
+    let mut socket = tokio::net::TcpStream::connect(stack.sidecar.public).await.expect("connect");
+    socket
+        .write_all(b"GET /export/datasets/a:old?encoding=json HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send");
+    let mut answer = String::new();
+    socket.read_to_string(&mut answer).await.expect("read until close");
+    assert!(answer.starts_with("HTTP/1.1 505") || answer.starts_with("HTTP/1.0 505"), "{answer}");
+    assert!(answer.contains("\"error\":\"http_version_not_supported\""), "{answer}");
+}
+
+#[tokio::test]
+async fn every_cookie_line_is_forwarded() {
+    let stack = Stack::start().await;
+    let c = collection("datasets", "carol", "cookies");
+    stack.store().write(&c, numbered(2));
+    stack.store().protect(&c, Some("s3cret".into()));
+    let response = stack
+        .client
+        .get(stack.url("/export/datasets/carol:cookies?encoding=json"))
+        .header("cookie", "theme=dark")
+        .header("cookie", "session=s3cret")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 200, "the session cookie was on the second line");
 }
 
 #[tokio::test]

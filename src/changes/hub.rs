@@ -4,10 +4,12 @@
 use crate::codec::json::write_json_string;
 use crate::collection::Collection;
 use crate::journal::{JournalError, Seq, VersionJournal};
+use crate::metrics;
 use bytes::Bytes;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 use tokio::sync::Notify;
 
 /// All watchers. Cheap to clone; clones share the watchers.
@@ -31,6 +33,21 @@ pub struct FeedState {
     pub version: String,
     /// Every current recordID, sorted.
     pub ids: Arc<Vec<String>>,
+    /// The full event of this state (every id changed), built once for every new subscriber
+    /// that has no resume point: thousands may connect at once.
+    full_event: Arc<OnceLock<Bytes>>,
+}
+
+impl FeedState {
+    pub fn new(seq: Seq, version: String, ids: Vec<String>) -> FeedState {
+        FeedState { seq, version, ids: Arc::new(ids), full_event: Arc::new(OnceLock::new()) }
+    }
+
+    /// The re-sync event: id = this version, `recordIDs` and `changed` = every id.
+    pub fn full_event(&self) -> Bytes {
+        let bytes = self.full_event.get_or_init(|| serialize(&self.version, &self.ids, self.ids.iter()));
+        bytes.clone()
+    }
 }
 
 /// One collection's watcher: its last published state and its subscribers' mailboxes.
@@ -47,12 +64,19 @@ pub struct Event {
     pub record_ids: Arc<Vec<String>>,
     pub changed: Vec<String>,
     pub bytes: Bytes,
+    /// When the change was announced (webhook or poll), for the delivery latency metric.
+    pub noticed: Instant,
 }
 
 impl Event {
-    pub fn new(version: String, record_ids: Arc<Vec<String>>, changed: Vec<String>) -> Event {
+    pub fn new(
+        version: String,
+        record_ids: Arc<Vec<String>>,
+        changed: Vec<String>,
+        noticed: Instant,
+    ) -> Event {
         let bytes = serialize(&version, &record_ids, changed.iter());
-        Event { version, record_ids, changed, bytes }
+        Event { version, record_ids, changed, bytes, noticed }
     }
 }
 
@@ -93,7 +117,13 @@ pub struct Mailbox {
 
 enum Pending {
     One(Arc<Event>),
-    Merged { version: String, record_ids: Arc<Vec<String>>, changed: BTreeSet<String> },
+    /// `noticed` is the earliest announcement folded in: the latency the subscriber saw.
+    Merged {
+        version: String,
+        record_ids: Arc<Vec<String>>,
+        changed: BTreeSet<String>,
+        noticed: Instant,
+    },
 }
 
 impl Mailbox {
@@ -107,15 +137,17 @@ impl Mailbox {
             None => Pending::One(Arc::clone(event)),
             Some(earlier) => {
                 self.merges.fetch_add(1, Ordering::Relaxed);
-                let mut changed = match earlier {
-                    Pending::One(e) => e.changed.iter().cloned().collect(),
-                    Pending::Merged { changed, .. } => changed,
+                metrics::get().pending_merges.inc();
+                let (mut changed, noticed) = match earlier {
+                    Pending::One(e) => (e.changed.iter().cloned().collect::<BTreeSet<_>>(), e.noticed),
+                    Pending::Merged { changed, noticed, .. } => (changed, noticed),
                 };
                 changed.extend(event.changed.iter().cloned());
                 Pending::Merged {
                     version: event.version.clone(),
                     record_ids: Arc::clone(&event.record_ids),
                     changed,
+                    noticed,
                 }
             }
         });
@@ -128,14 +160,14 @@ impl Mailbox {
         self.notify.notified().await;
     }
 
-    /// The pending event's bytes, if any; a merged event is serialized here, for this
-    /// subscriber alone.
-    pub fn take(&self) -> Option<Bytes> {
+    /// The pending event's bytes and when its change was announced, if any; a merged event is
+    /// serialized here, for this subscriber alone.
+    pub fn take(&self) -> Option<(Bytes, Instant)> {
         let pending = self.pending.lock().expect("mailbox lock").take()?;
         Some(match pending {
-            Pending::One(event) => event.bytes.clone(),
-            Pending::Merged { version, record_ids, changed } => {
-                serialize(&version, &record_ids, changed.iter())
+            Pending::One(event) => (event.bytes.clone(), event.noticed),
+            Pending::Merged { version, record_ids, changed, noticed } => {
+                (serialize(&version, &record_ids, changed.iter()), noticed)
             }
         })
     }
@@ -157,6 +189,7 @@ pub struct Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.hub.connections.fetch_sub(1, Ordering::Relaxed);
+        metrics::get().subscribers.dec();
         let mut watchers = self.hub.watchers.lock().expect("watchers lock");
         let mut mailboxes = self.watcher.mailboxes.lock().expect("mailboxes lock");
         mailboxes.remove(&self.id);
@@ -232,12 +265,13 @@ impl Hub {
             Arc::clone(watcher)
         };
         let mut state = watcher.state.lock().await;
-        self.advance(&watcher, &mut state, collection, seen.clone()).await;
+        self.advance(&watcher, &mut state, collection, seen.clone(), Instant::now()).await;
         // The state returned supersedes whatever was posted before it.
         mailbox.take();
         let current = state.clone().unwrap_or(seen);
         drop(state);
         slot.taken = true;
+        metrics::get().subscribers.inc();
         let subscription = Subscription {
             hub: Arc::clone(&self.inner),
             collection: collection.clone(),
@@ -249,11 +283,11 @@ impl Hub {
     }
 
     /// A new version of `collection` was recorded; publishes it to subscribers, if any.
-    pub async fn publish(&self, collection: &Collection, recorded: FeedState) {
+    pub async fn publish(&self, collection: &Collection, recorded: FeedState, noticed: Instant) {
         let watcher = self.inner.watchers.lock().expect("watchers lock").get(collection).cloned();
         let Some(watcher) = watcher else { return };
         let mut state = watcher.state.lock().await;
-        self.advance(&watcher, &mut state, collection, recorded).await;
+        self.advance(&watcher, &mut state, collection, recorded, noticed).await;
     }
 
     /// Moves the watcher to `newer` if it is newer, publishing one event for the step.
@@ -263,6 +297,7 @@ impl Hub {
         state: &mut Option<FeedState>,
         collection: &Collection,
         newer: FeedState,
+        noticed: Instant,
     ) {
         let Some(current) = state.as_ref() else {
             *state = Some(newer);
@@ -282,7 +317,8 @@ impl Hub {
                 return;
             }
         };
-        let event = Arc::new(Event::new(newer.version.clone(), Arc::clone(&newer.ids), changed));
+        let event = Arc::new(Event::new(newer.version.clone(), Arc::clone(&newer.ids), changed, noticed));
+        metrics::get().events_published.inc();
         for mailbox in watcher.mailboxes.lock().expect("mailboxes lock").values() {
             mailbox.post(&event);
         }
@@ -326,7 +362,8 @@ mod tests {
 
     fn event(version: &str, ids: &[&str], changed: &[&str]) -> Arc<Event> {
         let ids = Arc::new(ids.iter().map(|s| s.to_string()).collect());
-        Arc::new(Event::new(version.into(), ids, changed.iter().map(|s| s.to_string()).collect()))
+        let changed = changed.iter().map(|s| s.to_string()).collect();
+        Arc::new(Event::new(version.into(), ids, changed, Instant::now()))
     }
 
     #[test]
@@ -343,10 +380,10 @@ mod tests {
         let mailbox = Mailbox::new();
         let first = event("1", &["a", "b"], &["a"]);
         mailbox.post(&first);
-        assert_eq!(mailbox.take().as_ref(), Some(&first.bytes), "a lone event is shared, not copied");
+        assert_eq!(mailbox.take().map(|t| t.0), Some(first.bytes.clone()), "a lone event is shared");
         mailbox.post(&event("2", &["a", "b"], &["b"]));
         mailbox.post(&event("3", &["b", "c"], &["a", "c"]));
-        let merged = mailbox.take().expect("pending");
+        let (merged, _) = mailbox.take().expect("pending");
         assert_eq!(
             std::str::from_utf8(&merged).expect("utf-8"),
             "id: 3\ndata: {\"version\":\"3\",\"recordIDs\":[\"b\",\"c\"],\"changed\":[\"a\",\"b\",\"c\"]}\n\n"

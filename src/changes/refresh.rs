@@ -7,6 +7,7 @@ use crate::journal::{record_listing, VersionJournal};
 use crate::upstream::{Credentials, Upstream};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// Schedules re-reads. Cheap to clone; clones share the schedule.
 #[derive(Clone)]
@@ -21,8 +22,9 @@ struct Inner {
     hub: Hub,
     /// The sidecar's own credentials (`changes.upstream_authorization`), never a client's.
     credentials: Credentials,
-    /// Collections with a read in flight, and whether another is queued behind it.
-    in_flight: Mutex<HashMap<Collection, bool>>,
+    /// Collections with a read in flight, and when the first request queued behind it came
+    /// (the queued read serves every request since; its events are timed from the first).
+    in_flight: Mutex<HashMap<Collection, Option<Instant>>>,
     /// The last `ETag` each collection's listing carried, sent back as `If-None-Match`.
     etags: Mutex<HashMap<Collection, String>>,
 }
@@ -51,13 +53,13 @@ impl Refresher {
             let mut in_flight = self.inner.in_flight.lock().expect("refresh schedule lock");
             if let Some(queued) = in_flight.get_mut(&collection) {
                 // One read is running; one more after it sees every change up to then.
-                *queued = true;
+                queued.get_or_insert_with(Instant::now);
                 return;
             }
-            in_flight.insert(collection.clone(), false);
+            in_flight.insert(collection.clone(), None);
         }
         let inner = Arc::clone(&self.inner);
-        tokio::spawn(async move { inner.run(collection).await });
+        tokio::spawn(async move { inner.run(collection, Instant::now()).await });
     }
 
     /// True while a re-read of `collection` is running or queued (for tests and metrics).
@@ -67,13 +69,13 @@ impl Refresher {
 }
 
 impl Inner {
-    async fn run(&self, collection: Collection) {
+    async fn run(&self, collection: Collection, mut noticed: Instant) {
         loop {
-            self.read_once(&collection).await;
+            self.read_once(&collection, noticed).await;
             let mut in_flight = self.in_flight.lock().expect("refresh schedule lock");
-            match in_flight.get_mut(&collection) {
-                Some(queued) if *queued => *queued = false,
-                _ => {
+            match in_flight.get_mut(&collection).and_then(Option::take) {
+                Some(queued_at) => noticed = queued_at,
+                None => {
                     in_flight.remove(&collection);
                     return;
                 }
@@ -81,7 +83,8 @@ impl Inner {
         }
     }
 
-    async fn read_once(&self, collection: &Collection) {
+    /// One listing read, recorded and published; `noticed` is when the change was announced.
+    async fn read_once(&self, collection: &Collection, noticed: Instant) {
         let etag = self.etags.lock().expect("etag lock").get(collection).cloned();
         let listing =
             match self.upstream.listing_if_changed(collection, &self.credentials, etag.as_deref()).await {
@@ -107,8 +110,8 @@ impl Inner {
             Ok((seq, listing)) => {
                 tracing::debug!(collection = %collection, version = listing.version, "recorded version");
                 let ids = listing.entries.into_iter().map(|e| e.id).collect();
-                let state = FeedState { seq, version: listing.version, ids: Arc::new(ids) };
-                self.hub.publish(collection, state).await;
+                let state = FeedState::new(seq, listing.version, ids);
+                self.hub.publish(collection, state, noticed).await;
             }
             Err(e) => tracing::error!(collection = %collection, error = %e, "cannot record version"),
         }

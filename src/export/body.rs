@@ -21,26 +21,25 @@ impl ContentCoding {
         let Some(header) = accept_encoding else {
             return ContentCoding::Identity;
         };
-        let mut wildcard = None;
-        let (mut gzip, mut zstd) = (None, None);
+        let (mut wildcard, mut gzip, mut zstd) = (None, None, None);
         for item in header.split(',') {
             let mut parts = item.split(';');
             let name = parts.next().unwrap_or("").trim().to_ascii_lowercase();
-            let accepted = parts.all(|p| !is_q_zero(p));
+            let q = parts.find_map(quality).unwrap_or(1.0);
             match name.as_str() {
-                "gzip" | "x-gzip" => gzip = Some(accepted),
-                "zstd" => zstd = Some(accepted),
-                "*" => wildcard = Some(accepted),
+                "gzip" | "x-gzip" => gzip = Some(q),
+                "zstd" => zstd = Some(q),
+                "*" => wildcard = Some(q),
                 _ => {}
             }
         }
-        let allowed = |named: Option<bool>| named.or(wildcard).unwrap_or(false);
-        if allowed(zstd) {
-            ContentCoding::Zstd
-        } else if allowed(gzip) {
-            ContentCoding::Gzip
-        } else {
-            ContentCoding::Identity
+        let zstd = zstd.or(wildcard).unwrap_or(0.0);
+        let gzip = gzip.or(wildcard).unwrap_or(0.0);
+        // The client's preference wins; on a tie, zstd (faster and smaller).
+        match (zstd, gzip) {
+            (z, g) if z > 0.0 && z >= g => ContentCoding::Zstd,
+            (_, g) if g > 0.0 => ContentCoding::Gzip,
+            _ => ContentCoding::Identity,
         }
     }
 
@@ -54,12 +53,11 @@ impl ContentCoding {
     }
 }
 
-fn is_q_zero(param: &str) -> bool {
+/// The weight of a `q=` parameter; a malformed one counts as refusal, the safe reading.
+fn quality(param: &str) -> Option<f32> {
     let param = param.trim();
-    let Some(value) = param.strip_prefix("q=").or_else(|| param.strip_prefix("Q=")) else {
-        return false;
-    };
-    value.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+    let value = param.strip_prefix("q=").or_else(|| param.strip_prefix("Q="))?;
+    Some(value.trim().parse::<f32>().unwrap_or(0.0))
 }
 
 /// Turns plain body chunks into the chosen coding.
@@ -154,6 +152,9 @@ mod tests {
         assert_eq!(ContentCoding::negotiate(Some("*")), Zstd);
         assert_eq!(ContentCoding::negotiate(Some("*;q=0, identity")), Identity);
         assert_eq!(ContentCoding::negotiate(Some("br")), Identity);
+        assert_eq!(ContentCoding::negotiate(Some("gzip;q=1, zstd;q=0.1")), Gzip);
+        assert_eq!(ContentCoding::negotiate(Some("*;q=0.1, gzip")), Gzip);
+        assert_eq!(ContentCoding::negotiate(Some("zstd;q=0.001, gzip")), Gzip);
     }
 
     #[tokio::test]

@@ -8,13 +8,14 @@ use crate::collection::Collection;
 use crate::config::EventsConfig;
 use crate::error::ApiError;
 use crate::journal::{record_listing, JournalError, VersionJournal};
+use crate::metrics;
 use crate::upstream::Credentials;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use rand::Rng;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 impl Exporter {
     /// Opens an event stream: the subscriber's own listing read first (so access errors are
@@ -31,14 +32,9 @@ impl Exporter {
             return at_capacity(session, &self.events).await;
         };
         let credentials = Credentials::from_headers(&session.req_header().headers);
-        let listing = match self.upstream.listing(&collection, &credentials).await {
-            Ok(listing) => listing,
-            Err(e) => {
-                let error = e.to_api_error(&format!("the listing of {collection}"));
-                return reject(session, log, &error).await;
-            }
+        let Some(listing) = self.listing(session, log, &collection, &credentials).await? else {
+            return Ok(());
         };
-        self.recent.touch(&collection);
         let (seq, listing) = match record_listing(&self.journal, &collection, listing).await {
             Ok(recorded) => recorded,
             Err(e) => {
@@ -51,8 +47,8 @@ impl Exporter {
                 return reject(session, log, &error).await;
             }
         };
-        let ids = Arc::new(listing.entries.into_iter().map(|e| e.id).collect());
-        let seen = FeedState { seq, version: listing.version, ids };
+        let ids = listing.entries.into_iter().map(|e| e.id).collect();
+        let seen = FeedState::new(seq, listing.version, ids);
         let (subscription, current) = self.hub.join(slot, &collection, seen).await;
         let resume = resume_point(session);
         let first = first_event(&self.journal, &collection, resume.as_deref(), &current).await;
@@ -69,7 +65,10 @@ impl Exporter {
             opening.extend_from_slice(&event);
         }
         session.write_response_body(Some(Bytes::from(opening)), false).await?;
-        log.outcome = deliver(session, &subscription, &self.events).await?;
+        let ended = deliver(session, &subscription, &self.events).await;
+        let reason = ended.as_ref().map_or("write_failed", |reason| *reason);
+        metrics::get().disconnects.with_label_values(&[reason]).inc();
+        log.outcome = ended?;
         session.write_response_body(None, true).await
     }
 }
@@ -95,14 +94,13 @@ async fn first_event(
     resume: Option<&str>,
     current: &FeedState,
 ) -> Option<Bytes> {
-    let full =
-        || Some(Event::new(current.version.clone(), Arc::clone(&current.ids), current.ids.to_vec()).bytes);
+    let event =
+        |changed| Event::new(current.version.clone(), Arc::clone(&current.ids), changed, Instant::now());
+    let full = || Some(event(current.ids.to_vec()).bytes);
     let Some(resume) = resume else { return full() };
     match catch_up(journal, collection, resume, current.seq).await {
         Ok(CatchUp::Current) => None,
-        Ok(CatchUp::Changed(changed)) => {
-            Some(Event::new(current.version.clone(), Arc::clone(&current.ids), changed).bytes)
-        }
+        Ok(CatchUp::Changed(changed)) => Some(event(changed).bytes),
         Ok(CatchUp::Unknown) => full(),
         Err(e) => {
             tracing::warn!(collection = %collection, error = %e, "cannot compute a catch-up event");
@@ -182,9 +180,12 @@ async fn deliver(
     loop {
         tokio::select! {
             _ = subscription.mailbox.ready() => {
-                if let Some(event) = subscription.mailbox.take() {
+                if let Some((event, noticed)) = subscription.mailbox.take() {
                     session.write_response_body(Some(event), false).await?;
                     heartbeat.reset();
+                    let metrics = metrics::get();
+                    metrics.events_delivered.inc();
+                    metrics.delivery_latency.observe(noticed.elapsed().as_secs_f64());
                 }
             }
             _ = heartbeat.tick() => {

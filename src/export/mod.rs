@@ -1,7 +1,9 @@
 //! The `/export/...` API: routing an export request, reading the listing, and streaming the
 //! body from a per-export pipeline task to the client.
 
+pub mod attachments;
 pub mod body;
+pub mod chunks;
 pub mod encoder;
 pub mod etag;
 pub mod events;
@@ -9,6 +11,8 @@ pub mod plan;
 pub mod records;
 pub mod response;
 pub mod route;
+pub mod zip;
+pub mod zipfile;
 
 use crate::changes::hub::Hub;
 use crate::changes::poller::RecentExports;
@@ -16,22 +20,28 @@ use crate::collection::Collection;
 use crate::config::{EventsConfig, ExportConfig};
 use crate::error::ApiError;
 use crate::journal::VersionJournal;
-use crate::upstream::{Credentials, Upstream};
+use crate::upstream::{Credentials, Listing, Upstream};
 use body::ContentCoding;
+use chunks::BodyEvent;
 use etag::ExportTag;
+use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use records::RecordExport;
 use response::{pump, send_error, streaming_head, PumpEnd};
 use route::{Encoding, ExportKind, Since};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
+use tokio::sync::mpsc;
 
 /// What the log line of one export reports; filled in as the export goes.
 #[derive(Debug)]
 pub struct ExportLog {
     pub collection: Option<Collection>,
     pub encoding: &'static str,
-    pub records: u64,
+    /// Records written so far, shared with the pipeline so an export that does not finish
+    /// still logs how far it got.
+    pub records: Arc<AtomicU64>,
     pub started: Instant,
     pub outcome: &'static str,
     pub status: u16,
@@ -42,7 +52,7 @@ impl ExportLog {
         ExportLog {
             collection: None,
             encoding: "",
-            records: 0,
+            records: Arc::new(AtomicU64::new(0)),
             started: Instant::now(),
             outcome: "failed",
             status: 0,
@@ -102,10 +112,7 @@ impl Exporter {
                 self.records(session, log, request.collection, encoding, since).await
             }
             ExportKind::EventStream => self.events(session, log, request.collection).await,
-            ExportKind::Zip => {
-                let error = ApiError::new(501, "not_implemented", "this export is not available yet");
-                reject(session, log, &error).await
-            }
+            ExportKind::Zip { attachments } => self.zip(session, log, request.collection, attachments).await,
         }
     }
 
@@ -118,20 +125,13 @@ impl Exporter {
         since: Option<Since>,
     ) -> pingora::Result<()> {
         log.encoding = encoding.as_str();
+        if let Some(error) = needs_chunked_framing(session) {
+            return reject(session, log, &error).await;
+        }
         let credentials = Credentials::from_headers(&session.req_header().headers);
-        let listing = match self.upstream.listing(&collection, &credentials).await {
-            Ok(listing) => listing,
-            Err(e) => {
-                if e.is_refusal() {
-                    tracing::info!(collection = %collection, error = %e, "listing refused");
-                } else {
-                    tracing::warn!(collection = %collection, error = %e, "listing failed");
-                }
-                let error = e.to_api_error(&format!("the listing of {collection}"));
-                return reject(session, log, &error).await;
-            }
+        let Some(listing) = self.listing(session, log, &collection, &credentials).await? else {
+            return Ok(());
         };
-        self.recent.touch(&collection);
         let version = listing.version.clone();
         let accept = session.req_header().headers.get("accept-encoding");
         let coding = ContentCoding::negotiate(accept.and_then(|v| v.to_str().ok()));
@@ -148,33 +148,85 @@ impl Exporter {
             return session.write_response_header(Box::new(head), true).await;
         }
         let head = export_head(session, 200, encoding, &version, &tag, coding)?;
-        log.status = 200;
-        if session.req_header().method == http::Method::HEAD {
-            log.outcome = "complete";
-            return session.write_response_header(Box::new(head), true).await;
-        }
-        session.write_response_header(Box::new(head), false).await?;
-
-        let (rx, task) = RecordExport {
+        let export = RecordExport {
             upstream: self.upstream.clone(),
             collection,
             credentials,
             items,
+            written: Arc::clone(&log.records),
             encoding,
             coding,
             concurrency: self.concurrency,
             config: self.config.clone(),
+        };
+        respond_streamed(session, log, head, || export.spawn()).await
+    }
+}
+
+/// Sends a 200 head and, unless the request is HEAD, the body a pipeline started by `start`
+/// produces; the pipeline is aborted when this returns, however it returns.
+async fn respond_streamed(
+    session: &mut Session,
+    log: &mut ExportLog,
+    head: ResponseHeader,
+    start: impl FnOnce() -> (mpsc::Receiver<BodyEvent>, tokio::task::JoinHandle<()>),
+) -> pingora::Result<()> {
+    log.status = 200;
+    if session.req_header().method == http::Method::HEAD {
+        log.outcome = "complete";
+        return session.write_response_header(Box::new(head), true).await;
+    }
+    session.write_response_header(Box::new(head), false).await?;
+    let (rx, task) = start();
+    let _guard = AbortOnDrop(task);
+    match pump(session, rx).await? {
+        PumpEnd::Complete { records } => {
+            log.records.store(records, std::sync::atomic::Ordering::Relaxed);
+            log.outcome = "complete";
         }
-        .spawn();
-        let _guard = AbortOnDrop(task);
-        match pump(session, rx).await? {
-            PumpEnd::Complete { records } => {
-                log.records = records;
-                log.outcome = "complete";
+        PumpEnd::ClientGone => log.outcome = "client_gone",
+    }
+    Ok(())
+}
+
+/// An HTTP/1.0 client cannot be sent chunked framing, and a close-delimited body that is cut
+/// short looks complete: such a client could keep a truncated export without knowing.
+fn needs_chunked_framing(session: &Session) -> Option<ApiError> {
+    let head = session.req_header();
+    (head.version == http::Version::HTTP_10 && head.method == http::Method::GET).then(|| {
+        ApiError::new(
+            505,
+            "http_version_not_supported",
+            "exports need HTTP/1.1 or later, so that a broken download is recognisable as broken",
+        )
+    })
+}
+
+impl Exporter {
+    /// The collection's listing read with the client's credentials, or `None` when the client
+    /// has been answered with the failure (401/403/404 as they came, 502/504 for faults).
+    async fn listing(
+        &self,
+        session: &mut Session,
+        log: &mut ExportLog,
+        collection: &Collection,
+        credentials: &Credentials,
+    ) -> pingora::Result<Option<Listing>> {
+        match self.upstream.listing(collection, credentials).await {
+            Ok(listing) => {
+                self.recent.touch(collection);
+                Ok(Some(listing))
             }
-            PumpEnd::ClientGone => log.outcome = "client_gone",
+            Err(e) => {
+                if e.is_refusal() {
+                    tracing::info!(collection = %collection, error = %e, "listing refused");
+                } else {
+                    tracing::warn!(collection = %collection, error = %e, "listing failed");
+                }
+                let error = e.to_api_error(&format!("the listing of {collection}"));
+                reject(session, log, &error).await.map(|()| None)
+            }
         }
-        Ok(())
     }
 }
 

@@ -1,7 +1,7 @@
 //! Writing export responses on a pingora session: JSON errors, heads, and the body pump that
 //! moves chunks from a pipeline to the client while watching for the client leaving.
 
-use super::records::{BodyEvent, ExportFailure};
+use super::chunks::{BodyEvent, ExportFailure};
 use crate::error::ApiError;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -54,7 +54,12 @@ pub async fn pump(session: &mut Session, mut rx: mpsc::Receiver<BodyEvent>) -> R
     loop {
         tokio::select! {
             event = rx.recv() => match event {
-                Some(BodyEvent::Data(bytes)) => session.write_response_body(Some(bytes), false).await?,
+                Some(BodyEvent::Data(bytes)) => {
+                    // A write fails when the client is gone (or stopped reading past the timeout).
+                    if session.write_response_body(Some(bytes), false).await.is_err() {
+                        return Ok(PumpEnd::ClientGone);
+                    }
+                }
                 Some(BodyEvent::Done { records }) => {
                     session.write_response_body(Some(Bytes::new()), true).await?;
                     return Ok(PumpEnd::Complete { records });

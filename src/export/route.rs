@@ -21,8 +21,14 @@ pub struct ExportRequest {
 /// What the client asked for under the collection's path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExportKind {
-    Records { encoding: Encoding, since: Option<Since> },
-    Zip,
+    Records {
+        encoding: Encoding,
+        since: Option<Since>,
+    },
+    /// `attachments`: also every blob the records link (`?attachments=true`).
+    Zip {
+        attachments: bool,
+    },
     EventStream,
 }
 
@@ -89,9 +95,10 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<ExportRequest, ApiError>
         .ok_or_else(|| ApiError::not_found("no such realm: use /export/datasets/… or /export/lenses/…"))?;
     let collection = parse_collection(realm, owner_name)?;
     let params = QueryParams::parse(query.unwrap_or(""))?;
-    let kind = match tail {
+    let tail = tail.map(|t| decode(t, "path")).transpose()?;
+    let kind = match tail.as_deref() {
         None => ExportKind::Records { encoding: params.encoding()?, since: params.since()? },
-        Some("zip") => ExportKind::Zip,
+        Some("zip") => ExportKind::Zip { attachments: params.attachments()? },
         Some("event-stream") => ExportKind::EventStream,
         Some(_) => return Err(usage_not_found()),
     };
@@ -153,6 +160,7 @@ struct QueryParams {
     encoding: Option<String>,
     after: Option<String>,
     at: Option<String>,
+    attachments: Option<String>,
 }
 
 impl QueryParams {
@@ -163,6 +171,7 @@ impl QueryParams {
                 "encoding" => &mut params.encoding,
                 "after" => &mut params.after,
                 "at" => &mut params.at,
+                "attachments" => &mut params.attachments,
                 _ => continue,
             };
             if slot.is_some() {
@@ -180,6 +189,17 @@ impl QueryParams {
         Encoding::parse(value).ok_or_else(|| {
             ApiError::bad_request(format!("unknown encoding `{value}`: use cbor, json or json-lines"))
         })
+    }
+
+    /// `attachments=true|false` of a zip export; absent means false.
+    fn attachments(&self) -> Result<bool, ApiError> {
+        match self.attachments.as_deref() {
+            None | Some("false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(other) => {
+                Err(ApiError::bad_request(format!("attachments=`{other}` is not allowed: use true or false")))
+            }
+        }
     }
 
     fn since(&self) -> Result<Option<Since>, ApiError> {
@@ -241,9 +261,28 @@ mod tests {
     }
 
     #[test]
+    fn every_path_part_is_decoded() {
+        let kind = records("/export/dataset%73/a:b/event%2Dstream", "").expect("valid").kind;
+        assert_eq!(kind, ExportKind::EventStream);
+    }
+
+    #[test]
     fn zip_and_event_stream_need_no_encoding() {
-        assert_eq!(records("/export/datasets/a:b/zip", "").expect("valid").kind, ExportKind::Zip);
+        let kind = records("/export/datasets/a:b/zip", "").expect("valid").kind;
+        assert_eq!(kind, ExportKind::Zip { attachments: false });
         let kind = records("/export/datasets/a:b/event-stream", "").expect("valid").kind;
         assert_eq!(kind, ExportKind::EventStream);
+    }
+
+    #[test]
+    fn zip_attachments_is_true_or_false() {
+        let kind = |q: &str| records("/export/datasets/a:b/zip", q).map(|r| r.kind);
+        assert_eq!(kind("attachments=true").expect("valid"), ExportKind::Zip { attachments: true });
+        assert_eq!(kind("attachments=false").expect("valid"), ExportKind::Zip { attachments: false });
+        for bad in
+            ["attachments=yes", "attachments=", "attachments=TRUE", "attachments=true&attachments=true"]
+        {
+            assert_eq!(kind(bad).unwrap_err().status, 400, "{bad}");
+        }
     }
 }

@@ -265,6 +265,13 @@ impl Store {
         hex
     }
 
+    /// Test hook: stores a blob under a hash of the caller's choosing (lower-cased), so U3 can
+    /// serve bytes that do not match their name, as a corrupted store would.
+    pub fn add_attachment_as(&self, hex: &str, bytes: bytes::Bytes, content_type: &str) {
+        let attachment = Attachment { bytes, content_type: content_type.to_owned() };
+        self.lock().attachments.insert(hex.to_ascii_lowercase(), attachment);
+    }
+
     /// The collection's current version, `None` if it does not exist (never written, or deleted).
     pub fn version(&self, c: &CollectionId) -> Option<u64> {
         self.lock().collections.get(c).filter(|col| col.live).map(|col| col.version)

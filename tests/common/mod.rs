@@ -97,8 +97,25 @@ impl Sidecar {
         Err(format!("not ready after 30 s: {}", self.log()))
     }
 
+    /// The sidecar's process id, to read its memory use from `/proc/<pid>/status`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.public, path)
+    }
+
+    /// Waits up to `limit` for the process to exit by itself.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
     }
 
     pub fn internal_url(&self, path: &str) -> String {
@@ -149,6 +166,16 @@ impl Stack {
                 .await
                 .expect("reference server starts");
         let sidecar = Sidecar::start(&reference.url()).await;
+        Stack { reference, sidecar, client: client() }
+    }
+
+    /// Like `start`, with extra `export-sidecar run` arguments (e.g. `--sse-heartbeat 1`).
+    pub async fn start_with(extra: &[&str]) -> Stack {
+        let reference =
+            ReferenceServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), ReferenceConfig::default())
+                .await
+                .expect("reference server starts");
+        let sidecar = Sidecar::start_with(&reference.url(), extra).await;
         Stack { reference, sidecar, client: client() }
     }
 
