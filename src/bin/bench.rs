@@ -30,6 +30,10 @@ enum Bench {
         /// Changes to time.
         #[arg(long, default_value_t = 20)]
         rounds: usize,
+        /// Subscribers connected at a time (each waits for its first event before the next
+        /// batch): a burst measures the connect storm, small batches the cost of holding.
+        #[arg(long, default_value_t = 10_000)]
+        batch: usize,
         /// Where to write the JSON results.
         #[arg(long, default_value = "bench-events.json")]
         json: PathBuf,
@@ -40,8 +44,8 @@ fn main() -> Result<(), String> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     match Cli::parse().command {
-        Bench::Events { subscribers, records, rounds, json } => {
-            runtime.block_on(events(subscribers, records, rounds, json))
+        Bench::Events { subscribers, records, rounds, batch, json } => {
+            runtime.block_on(events(subscribers, records, rounds, batch.max(1), json))
         }
     }
 }
@@ -146,7 +150,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank]
 }
 
-async fn events(subscribers: usize, records: usize, rounds: usize, json: PathBuf) -> Result<(), String> {
+async fn events(
+    subscribers: usize,
+    records: usize,
+    rounds: usize,
+    batch: usize,
+    json: PathBuf,
+) -> Result<(), String> {
     let reference = ReferenceServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), ReferenceConfig::default())
         .await
         .map_err(|e| e.to_string())?;
@@ -168,20 +178,28 @@ async fn events(subscribers: usize, records: usize, rounds: usize, json: PathBuf
     let (tx, mut rx) = mpsc::unbounded_channel();
     let path = "/export/datasets/bench:feed/event-stream".to_owned();
     let opened = Instant::now();
-    for _ in 0..subscribers {
-        tokio::spawn(subscriber(sidecar.public, path.clone(), tx.clone()));
-    }
     let mut first_events = 0;
     while first_events < subscribers {
-        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-            Ok(Some(_)) => first_events += 1,
-            _ => {
-                return Err(format!("only {first_events} of {subscribers} subscribers got their first event"))
+        let this_batch = batch.min(subscribers - first_events);
+        for _ in 0..this_batch {
+            tokio::spawn(subscriber(sidecar.public, path.clone(), tx.clone()));
+        }
+        for _ in 0..this_batch {
+            match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+                Ok(Some(_)) => first_events += 1,
+                _ => {
+                    return Err(format!(
+                        "only {first_events} of {subscribers} subscribers got their first event"
+                    ))
+                }
             }
         }
     }
     let connect_seconds = opened.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_connected = sidecar.rss_kib();
+    // Idle worker threads of the connect burst retire after about 10 s; what stays is the
+    // cost of holding the subscribers.
+    tokio::time::sleep(Duration::from_secs(15)).await;
     let rss_idle = sidecar.rss_kib();
 
     let client = reqwest::Client::new();
@@ -221,8 +239,10 @@ async fn events(subscribers: usize, records: usize, rounds: usize, json: PathBuf
         "subscribers": subscribers,
         "records": records,
         "rounds": rounds,
+        "connect_batch": batch,
         "connect_seconds": connect_seconds,
         "rss_before_kib": rss_before,
+        "rss_after_connecting_kib": rss_connected,
         "rss_idle_kib": rss_idle,
         "bytes_per_idle_subscriber": per_subscriber,
         "delivery_p50_ms": percentile(&every, 0.5) * 1e3,
