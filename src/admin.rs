@@ -53,6 +53,8 @@ impl Admin {
             );
         }
         let Some(body) = read_limited(session, MAX_BODY).await else {
+            metrics::get().webhooks.with_label_values(&["too_large"]).inc();
+            tracing::warn!(reason = "too_large", "webhook refused: body unreadable or over 64 KiB");
             return json(
                 StatusCode::BAD_REQUEST,
                 r#"{"error":"body_unreadable","message":"the body could not be read or is over 64 KiB"}"#,

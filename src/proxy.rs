@@ -82,8 +82,10 @@ impl ProxyHttp for Sidecar {
         let kind = if log.encoding.is_empty() { "unknown" } else { log.encoding };
         crate::metrics::get().exports.with_label_values(&[kind, log.outcome]).inc();
         let duration_ms = log.started.elapsed().as_millis() as u64;
-        match e {
-            None => tracing::info!(
+        let error = e.map(|e| e.to_string()).unwrap_or_default();
+        // A failure is the sidecar's or the upstream's concern; a client leaving is not.
+        if log.outcome == "failed" {
+            tracing::warn!(
                 collection,
                 encoding = log.encoding,
                 status = log.status,
@@ -91,12 +93,21 @@ impl ProxyHttp for Sidecar {
                 bytes,
                 duration_ms,
                 outcome = log.outcome,
+                error,
                 "export"
-            ),
-            Some(e) => tracing::warn!(
-                collection, encoding = log.encoding, status = log.status, records,
-                bytes, duration_ms, outcome = log.outcome, error = %e, "export"
-            ),
+            );
+        } else {
+            tracing::info!(
+                collection,
+                encoding = log.encoding,
+                status = log.status,
+                records,
+                bytes,
+                duration_ms,
+                outcome = log.outcome,
+                error,
+                "export"
+            );
         }
     }
 }

@@ -78,7 +78,8 @@ pub struct Listing {
 /// Why the upstream could not answer; each becomes a client-facing status in one place.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("cannot connect to the dataset server: {0}")]
+    /// No answer: the connection could not be made, or broke before a response head.
+    #[error("the connection to the dataset server failed: {0}")]
     Connect(String),
     #[error("the dataset server did not answer in time")]
     Timeout,
@@ -89,23 +90,17 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// A request that got no response head failed on its connection (refused, reset, or a
+    /// pooled keep-alive connection the server had closed), whatever hyper calls it.
     fn from_client(e: hyper_util::client::legacy::Error) -> UpstreamError {
-        if e.is_connect() {
-            UpstreamError::Connect(error_chain(&e))
-        } else {
-            UpstreamError::Protocol(error_chain(&e))
-        }
+        UpstreamError::Connect(error_chain(&e))
     }
 
-    /// Worth one more try: the connection or the server failed, not the request. A timeout
-    /// is not: trying again would double the longest wait the operator configured.
+    /// Worth one more try at the record level: the server failed, not the request. Connection
+    /// failures were already retried by `get`; a timeout is not retried, which would double
+    /// the longest wait the operator configured.
     fn is_transient(&self) -> bool {
-        match self {
-            UpstreamError::Connect(_) => true,
-            UpstreamError::Timeout => false,
-            UpstreamError::Status { status, .. } => status.is_server_error(),
-            UpstreamError::Protocol(_) => false,
-        }
+        matches!(self, UpstreamError::Status { status, .. } if status.is_server_error())
     }
 
     /// The dataset server said no (401, 403, 404): the client's business, not a fault.
@@ -212,12 +207,25 @@ impl Upstream {
             .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
         request.headers_mut().extend(extra);
         credentials.apply(request.headers_mut());
-        let response = tokio::time::timeout(self.idle_timeout, self.client.request(request))
-            .await
-            .map_err(|_| UpstreamError::Timeout)?
-            .map_err(UpstreamError::from_client)?;
+        // A connection that breaks before any answer is tried once more: after the dataset
+        // server restarts, the pool's first connections are stale.
+        let retry = clone_request(&request);
+        let response = match self.send(request).await {
+            Err(UpstreamError::Connect(_)) => self.send(retry).await?,
+            other => other?,
+        };
         let (head, body) = response.into_parts();
         Ok(Answer { head, body })
+    }
+
+    async fn send(
+        &self,
+        request: http::Request<Empty<Bytes>>,
+    ) -> Result<http::Response<Incoming>, UpstreamError> {
+        tokio::time::timeout(self.idle_timeout, self.client.request(request))
+            .await
+            .map_err(|_| UpstreamError::Timeout)?
+            .map_err(UpstreamError::from_client)
     }
 
     /// Reads a whole body, allowing at most the idle timeout between frames.
@@ -278,7 +286,7 @@ impl Upstream {
     }
 
     /// U2: one record's CBOR bytes, or `None` when the record is gone (404).
-    /// Transient failures are tried once more: one lost connection should not abort a long export.
+    /// A 5xx is tried once more: one bad moment of the server should not abort a long export.
     pub async fn record(
         &self,
         collection: &Collection,
@@ -351,6 +359,14 @@ impl AttachmentBody {
             }
         }
     }
+}
+
+/// A bodiless GET can be sent again as it was.
+fn clone_request(request: &http::Request<Empty<Bytes>>) -> http::Request<Empty<Bytes>> {
+    let mut copy = http::Request::new(Empty::new());
+    *copy.uri_mut() = request.uri().clone();
+    *copy.headers_mut() = request.headers().clone();
+    copy
 }
 
 fn check_status(answer: Answer) -> Result<Answer, UpstreamError> {

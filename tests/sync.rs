@@ -86,9 +86,10 @@ async fn after_and_at_report_changes_and_tombstones() {
     let (_, rows) = json_lines(&stack, &format!("/export/datasets/u:sync?encoding=json-lines&at={v2}")).await;
     assert_eq!(rows.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(), ["b", "c", "d"]);
     // at= the first version the sidecar saw: what changed in it is unknown.
-    let (status, code, _) =
+    let (status, code, message) =
         error_body(stack.get(&format!("/export/datasets/u:sync?encoding=json&at={v1}")).await).await;
     assert_eq!((status, code.as_str()), (410, "version_unknown"));
+    assert!(message.contains("no version before this one"), "the 410 says why: {message}");
 }
 
 #[tokio::test]
@@ -226,6 +227,10 @@ async fn signed_webhooks_record_versions_and_bad_ones_change_nothing() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(listing_reads(&stack, "hooked"), 0, "refused webhooks cause no re-read");
     assert!(stack.sidecar.log().contains("webhook refused"), "refusals are logged with a reason");
+    let huge = "x".repeat(70 * 1024);
+    let too_large = send_webhook(&stack.sidecar, "msg_huge", now_secs(), &huge, SECRET).await;
+    assert_eq!(too_large.status(), 400);
+    assert!(stack.sidecar.wait_for_log("too_large").await, "an oversized webhook is logged too");
 
     let good = send_webhook(&stack.sidecar, "msg_good", now_secs(), body, SECRET).await;
     assert_eq!(good.status(), 202);

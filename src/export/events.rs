@@ -66,9 +66,14 @@ impl Exporter {
         }
         session.write_response_body(Some(Bytes::from(opening)), false).await?;
         let ended = deliver(session, &subscription, &self.events).await;
-        let reason = ended.as_ref().map_or("write_failed", |reason| *reason);
-        metrics::get().disconnects.with_label_values(&[reason]).inc();
-        log.outcome = ended?;
+        log.outcome = match &ended {
+            Ok(reason) => reason,
+            // Blocked past the write timeout; any other failed write means the client left.
+            Err(e) if matches!(e.etype(), pingora::ErrorType::WriteTimedout) => "write_timeout",
+            Err(_) => "client_gone",
+        };
+        metrics::get().disconnects.with_label_values(&[log.outcome]).inc();
+        ended?;
         session.write_response_body(None, true).await
     }
 }

@@ -40,8 +40,9 @@ pub async fn plan(
         let Some(since) = since else {
             return Ok(Ok(listing.entries.into_iter().map(|e| ExportItem::Record(e.id)).collect()));
         };
-        let Some(from) = sync_start(&journal, &collection, &since)? else {
-            return Ok(Err(version_unknown()));
+        let from = match sync_start(&journal, &collection, &since)? {
+            Ok(from) => from,
+            Err(error) => return Ok(Err(error)),
         };
         // A client can be ahead of this listing (it heard of a newer version from an event
         // while this read saw an older one): nothing is newer than what it has.
@@ -58,21 +59,22 @@ pub async fn plan(
     .await?
 }
 
-/// The journal sequence a sync starts from, or `None` when the version is not kept.
+/// The journal sequence a sync starts from, or the client's error when it cannot start.
 /// `at=V` starts from the version before V, so V's own changes are included; with no
 /// earlier version kept, what changed in V is unknown and only a full export is safe.
 fn sync_start(
     journal: &VersionJournal,
     collection: &Collection,
     since: &Since,
-) -> Result<Option<Seq>, JournalError> {
-    match since {
-        Since::After(version) => journal.seq_of(collection, version),
-        Since::At(version) => match journal.seq_of(collection, version)? {
-            Some(seq) => journal.previous_seq(collection, seq),
-            None => Ok(None),
-        },
+) -> Result<Result<Seq, ApiError>, JournalError> {
+    let (Since::After(version) | Since::At(version)) = since;
+    let Some(seq) = journal.seq_of(collection, version)? else {
+        return Ok(Err(version_unknown()));
+    };
+    if matches!(since, Since::After(_)) {
+        return Ok(Ok(seq));
     }
+    Ok(journal.previous_seq(collection, seq)?.ok_or_else(nothing_before))
 }
 
 /// Changed records and tombstones in one recordID-ordered list (the two are disjoint).
@@ -101,6 +103,16 @@ async fn blocking<T: Send + 'static>(
 fn journal_unavailable() -> ApiError {
     ApiError::new(503, "journal_unavailable", "the version journal cannot be used right now; try again later")
         .with_header("retry-after", "5")
+}
+
+/// `at=V` for the first version the sidecar knows: V itself is known, but not what it changed.
+fn nothing_before() -> ApiError {
+    ApiError::new(
+        410,
+        "version_unknown",
+        "no version before this one is known to the sidecar, so what changed in it cannot be told: \
+         download a full export (without after= or at=) and sync from its X-Version",
+    )
 }
 
 /// Pull-sync needs a version the sidecar still keeps; without one the only safe answer is a

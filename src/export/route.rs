@@ -98,8 +98,16 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<ExportRequest, ApiError>
     let tail = tail.map(|t| decode(t, "path")).transpose()?;
     let kind = match tail.as_deref() {
         None => ExportKind::Records { encoding: params.encoding()?, since: params.since()? },
-        Some("zip") => ExportKind::Zip { attachments: params.attachments()? },
-        Some("event-stream") => ExportKind::EventStream,
+        Some("zip") => {
+            params.refuse_sync(
+                "a zip archive always holds the whole collection; sync with ?encoding=…&after=",
+            )?;
+            ExportKind::Zip { attachments: params.attachments()? }
+        }
+        Some("event-stream") => {
+            params.refuse_sync("an event stream resumes from Last-Event-ID or ?last_event_id=")?;
+            ExportKind::EventStream
+        }
         Some(_) => return Err(usage_not_found()),
     };
     Ok(ExportRequest { collection, kind })
@@ -202,6 +210,15 @@ impl QueryParams {
         }
     }
 
+    /// A sync point where none applies is refused rather than ignored: the client expects
+    /// something the answer would not give.
+    fn refuse_sync(&self, advice: &str) -> Result<(), ApiError> {
+        match self.after.is_some() || self.at.is_some() {
+            true => Err(ApiError::bad_request(format!("after= and at= do not apply here: {advice}"))),
+            false => Ok(()),
+        }
+    }
+
     fn since(&self) -> Result<Option<Since>, ApiError> {
         match (&self.after, &self.at) {
             (Some(_), Some(_)) => Err(ApiError::bad_request("give either after= or at=, not both")),
@@ -258,6 +275,8 @@ mod tests {
         assert_eq!(status("/export/datasets/a:b%ff", "encoding=json"), 400);
         assert_eq!(status("/export/datasets/a:b/c/d", "encoding=json"), 404);
         assert_eq!(status("/export/datasets/a:b/other", ""), 404);
+        assert_eq!(status("/export/datasets/a:b/zip", "after=3"), 400);
+        assert_eq!(status("/export/datasets/a:b/event-stream", "at=3"), 400);
     }
 
     #[test]
