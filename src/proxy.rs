@@ -83,31 +83,27 @@ impl ProxyHttp for Sidecar {
         crate::metrics::get().exports.with_label_values(&[kind, log.outcome]).inc();
         let duration_ms = log.started.elapsed().as_millis() as u64;
         let error = e.map(|e| e.to_string()).unwrap_or_default();
-        // A failure is the sidecar's or the upstream's concern; a client leaving is not.
+        // One line per export, with every field named; only failures are warnings: a client
+        // leaving is not the operator's concern.
+        macro_rules! export_line {
+            ($level:ident) => {
+                tracing::$level!(
+                    collection,
+                    encoding = log.encoding,
+                    status = log.status,
+                    records,
+                    bytes,
+                    duration_ms,
+                    outcome = log.outcome,
+                    error,
+                    "export"
+                )
+            };
+        }
         if log.outcome == "failed" {
-            tracing::warn!(
-                collection,
-                encoding = log.encoding,
-                status = log.status,
-                records,
-                bytes,
-                duration_ms,
-                outcome = log.outcome,
-                error,
-                "export"
-            );
+            export_line!(warn);
         } else {
-            tracing::info!(
-                collection,
-                encoding = log.encoding,
-                status = log.status,
-                records,
-                bytes,
-                duration_ms,
-                outcome = log.outcome,
-                error,
-                "export"
-            );
+            export_line!(info);
         }
     }
 }
