@@ -2,10 +2,15 @@
 //! and the chunk writer that codes their output and flushes it on schedule.
 
 use super::body::{BodyEncoder, ContentCoding};
+use super::plan::ExportItem;
+use crate::collection::Collection;
 use crate::config::ExportConfig;
+use crate::upstream::{Credentials, Upstream};
 use bytes::Bytes;
 use futures::StreamExt;
 use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -36,6 +41,21 @@ impl std::fmt::Display for ExportFailure {
             None => f.write_str(&self.reason),
         }
     }
+}
+
+/// What every export pipeline reads from: the records to write and how to fetch them.
+pub struct ExportSource {
+    pub upstream: Upstream,
+    pub collection: Collection,
+    /// The caller's, forwarded on every fetch the export makes.
+    pub credentials: Credentials,
+    /// What to write, in recordID order.
+    pub items: Vec<ExportItem>,
+    /// Records written so far, for the export's log line.
+    pub written: Arc<AtomicU64>,
+    /// Record fetches in flight.
+    pub concurrency: usize,
+    pub config: ExportConfig,
 }
 
 /// How a pipeline ends early.

@@ -148,17 +148,8 @@ impl Exporter {
             return session.write_response_header(Box::new(head), true).await;
         }
         let head = export_head(session, 200, encoding, &version, &tag, coding)?;
-        let export = RecordExport {
-            upstream: self.upstream.clone(),
-            collection,
-            credentials,
-            items,
-            written: Arc::clone(&log.records),
-            encoding,
-            coding,
-            concurrency: self.concurrency,
-            config: self.config.clone(),
-        };
+        let source = self.source(collection, credentials, items, log);
+        let export = RecordExport { source, encoding, coding };
         respond_streamed(session, log, head, || export.spawn()).await
     }
 }
@@ -203,6 +194,25 @@ fn needs_chunked_framing(session: &Session) -> Option<ApiError> {
 }
 
 impl Exporter {
+    /// What a pipeline needs to write `items` of `collection` for this request.
+    fn source(
+        &self,
+        collection: Collection,
+        credentials: Credentials,
+        items: Vec<plan::ExportItem>,
+        log: &ExportLog,
+    ) -> chunks::ExportSource {
+        chunks::ExportSource {
+            upstream: self.upstream.clone(),
+            collection,
+            credentials,
+            items,
+            written: Arc::clone(&log.records),
+            concurrency: self.concurrency,
+            config: self.config.clone(),
+        }
+    }
+
     /// The collection's listing read with the client's credentials, or `None` when the client
     /// has been answered with the failure (401/403/404 as they came, 502/504 for faults).
     async fn listing(

@@ -2,32 +2,21 @@
 //! encode them, code the body and hand it out in chunks. Runs as its own task per export.
 
 use super::body::ContentCoding;
-use super::chunks::{spawn_pipeline, BodyEvent, ChunkWriter, Stop};
+use super::chunks::{spawn_pipeline, BodyEvent, ChunkWriter, ExportSource, Stop};
 use super::encoder::RecordEncoder;
 use super::plan::ExportItem;
 use super::route::Encoding;
-use crate::collection::Collection;
-use crate::config::ExportConfig;
-use crate::upstream::{Credentials, Upstream, UpstreamError};
+use crate::upstream::UpstreamError;
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
 
 /// Everything one record export needs, moved into its task.
 pub struct RecordExport {
-    pub upstream: Upstream,
-    pub collection: Collection,
-    pub credentials: Credentials,
-    /// What to write, in recordID order.
-    pub items: Vec<ExportItem>,
-    /// Records written so far, for the export's log line.
-    pub written: Arc<AtomicU64>,
+    pub source: ExportSource,
     pub encoding: Encoding,
     pub coding: ContentCoding,
-    pub concurrency: usize,
-    pub config: ExportConfig,
 }
 
 impl RecordExport {
@@ -37,17 +26,8 @@ impl RecordExport {
     }
 
     async fn run(self, tx: mpsc::Sender<BodyEvent>) -> Result<u64, Stop> {
-        let RecordExport {
-            upstream,
-            collection,
-            credentials,
-            items,
-            written,
-            encoding,
-            coding,
-            concurrency,
-            config,
-        } = self;
+        let RecordExport { source, encoding, coding } = self;
+        let ExportSource { upstream, collection, credentials, items, written, concurrency, config } = source;
         let mut out = ChunkWriter::new(tx, coding, &config);
         let mut encoder = RecordEncoder::new(encoding);
         encoder.begin(&mut out.raw);

@@ -3,7 +3,7 @@
 
 use super::attachments::{find_links, AttachmentSource, Fetched, Missing, Prefetcher, Spool};
 use super::body::ContentCoding;
-use super::chunks::{spawn_pipeline, BodyEvent, ChunkWriter, Stop};
+use super::chunks::{spawn_pipeline, BodyEvent, ChunkWriter, ExportSource, Stop};
 use super::plan::{self, ExportItem};
 use super::response::streaming_head;
 use super::zipfile::{EntryMeta, Method, ZipError, ZipWriter};
@@ -11,14 +11,13 @@ use super::{needs_chunked_framing, reject, respond_streamed, ExportLog, Exporter
 use crate::codec::json::{JsonConverter, JsonStyle};
 use crate::collection::{encode_component, Collection};
 use crate::config::ExportConfig;
-use crate::upstream::{Credentials, Upstream};
+use crate::upstream::Credentials;
 use flate2::{Compress, Compression, Crc, FlushCompress, Status};
 use futures::stream::{self, StreamExt};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use pingora::proxy::Session;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
@@ -73,17 +72,8 @@ impl Exporter {
             Err(error) => return reject(session, log, &error).await,
         };
         let head = zip_head(session, &collection, &version, coding)?;
-        let export = ZipExport {
-            upstream: self.upstream.clone(),
-            collection,
-            credentials,
-            items,
-            written: Arc::clone(&log.records),
-            attachments,
-            coding,
-            concurrency: self.concurrency,
-            config: self.config.clone(),
-        };
+        let source = self.source(collection, credentials, items, log);
+        let export = ZipExport { source, attachments, coding };
         respond_streamed(session, log, head, || export.spawn()).await
     }
 }
@@ -145,17 +135,9 @@ pub fn entry_stem(id: &str) -> String {
 
 /// Everything one zip export needs, moved into its task.
 struct ZipExport {
-    upstream: Upstream,
-    collection: Collection,
-    credentials: Credentials,
-    /// The listing's records, in recordID order.
-    items: Vec<ExportItem>,
-    /// Records written so far, for the export's log line.
-    written: Arc<AtomicU64>,
+    source: ExportSource,
     attachments: bool,
     coding: ContentCoding,
-    concurrency: usize,
-    config: ExportConfig,
 }
 
 impl ZipExport {
@@ -165,17 +147,8 @@ impl ZipExport {
     }
 
     async fn run(self, tx: mpsc::Sender<BodyEvent>) -> Result<u64, Stop> {
-        let ZipExport {
-            upstream,
-            collection,
-            credentials,
-            items,
-            written,
-            attachments,
-            coding,
-            concurrency,
-            config,
-        } = self;
+        let ZipExport { source, attachments, coding } = self;
+        let ExportSource { upstream, collection, credentials, items, written, concurrency, config } = source;
         let mut out = ArchiveOutput::new(tx, coding, &config);
         let attachments = attachments.then(|| {
             let source = AttachmentSource {

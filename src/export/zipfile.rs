@@ -197,12 +197,7 @@ fn check_name(name: &str) -> Result<(), ZipError> {
 fn write_local_header(meta: &EntryMeta, out: &mut Vec<u8>) {
     let zip64 = meta.sizes_need_zip64();
     put_u32(out, 0x0403_4b50);
-    put_u16(out, if zip64 { VERSION_ZIP64 } else { VERSION_DEFAULT });
-    put_u16(out, FLAG_UTF8);
-    put_u16(out, meta.method.code());
-    put_u16(out, DOS_TIME);
-    put_u16(out, DOS_DATE);
-    put_u32(out, meta.crc32);
+    put_common_fields(meta, zip64, out);
     if zip64 {
         put_u32(out, SENTINEL_32 as u32);
         put_u32(out, SENTINEL_32 as u32);
@@ -232,12 +227,7 @@ fn write_central_header(entry: &CentralEntry, out: &mut Vec<u8>) {
     let zip64 = !large.is_empty() || meta.sizes_need_zip64();
     put_u32(out, 0x0201_4b50);
     put_u16(out, MADE_BY_UNIX);
-    put_u16(out, if zip64 { VERSION_ZIP64 } else { VERSION_DEFAULT });
-    put_u16(out, FLAG_UTF8);
-    put_u16(out, meta.method.code());
-    put_u16(out, DOS_TIME);
-    put_u16(out, DOS_DATE);
-    put_u32(out, meta.crc32);
+    put_common_fields(meta, zip64, out);
     put_u32(out, classic(meta.compressed_size));
     put_u32(out, classic(meta.size));
     put_u16(out, meta.name.len() as u16);
@@ -255,6 +245,16 @@ fn write_central_header(entry: &CentralEntry, out: &mut Vec<u8>) {
             put_u64(out, value);
         }
     }
+}
+
+/// The run both headers share: version needed, flags, method, time, date, CRC-32.
+fn put_common_fields(meta: &EntryMeta, zip64: bool, out: &mut Vec<u8>) {
+    put_u16(out, if zip64 { VERSION_ZIP64 } else { VERSION_DEFAULT });
+    put_u16(out, FLAG_UTF8);
+    put_u16(out, meta.method.code());
+    put_u16(out, DOS_TIME);
+    put_u16(out, DOS_DATE);
+    put_u32(out, meta.crc32);
 }
 
 fn put_u16(out: &mut Vec<u8>, value: u16) {
