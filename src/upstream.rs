@@ -558,3 +558,69 @@ mod tests {
         assert!(err.contains("empty ID"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod connection_tests {
+    use super::*;
+    use crate::collection::Realm;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Reads one request head; false if the peer closed first.
+    async fn read_head(socket: &mut tokio::net::TcpStream) -> bool {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    }
+
+    const LISTING: &[u8] =
+        b"HTTP/1.1 200 OK\r\nX-Version: 1\r\nContent-Type: application/cbor\r\nContent-Length: 1\r\n\r\n\xa0";
+
+    /// A server that answers once per connection, then drops the connection on its next
+    /// request unanswered: what a pooled keep-alive connection looks like after the dataset
+    /// server restarted.
+    async fn forgetful_server() -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    if read_head(&mut socket).await && socket.write_all(LISTING).await.is_ok() {
+                        read_head(&mut socket).await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_stale_pooled_connection_is_retried_on_a_fresh_one() {
+        let addr = forgetful_server().await;
+        let config = UpstreamConfig { url: format!("http://{addr}"), ..UpstreamConfig::default() };
+        let upstream = Upstream::new(&config).expect("client");
+        let collection = Collection { realm: Realm::Datasets, user: "u".into(), name: "n".into() };
+        let credentials = Credentials::default();
+        for attempt in 0..3 {
+            let listing = upstream.listing(&collection, &credentials).await;
+            assert!(listing.is_ok(), "listing {attempt}: {:?}", listing.err());
+        }
+    }
+
+    #[test]
+    fn only_server_errors_are_retried_per_record() {
+        let status = |code| UpstreamError::Status {
+            status: StatusCode::from_u16(code).expect("code"),
+            www_authenticate: None,
+        };
+        assert!(status(503).is_transient());
+        assert!(!status(404).is_transient());
+        assert!(!UpstreamError::Timeout.is_transient(), "a retried timeout would double the configured wait");
+    }
+}
