@@ -18,6 +18,7 @@ pub struct Config {
     pub events: EventsConfig,
     pub server: ServerConfig,
     pub log: LogConfig,
+    pub cache: CacheConfig,
 }
 
 /// Where the dataset server is and how hard to press it.
@@ -113,6 +114,21 @@ impl Default for EventsConfig {
             write_timeout_seconds: 30,
             retry_ms: 3_000,
         }
+    }
+}
+
+/// The record cache, which lets a repeated export of an unchanged collection fetch only its
+/// listing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Bytes of record values kept at most (least recently used go first); 0 turns it off.
+    pub max_bytes: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { max_bytes: 256 * 1024 * 1024 }
     }
 }
 
@@ -261,6 +277,7 @@ impl Config {
         check_range("events.write_timeout_seconds", self.events.write_timeout_seconds, 1, 3_600)?;
         check_range("events.retry_ms", self.events.retry_ms, 100, 3_600_000)?;
         check_range("server.grace_period_seconds", self.server.grace_period_seconds, 0, 86_400)?;
+        check_range("cache.max_bytes", self.cache.max_bytes, 0, 1 << 40)?;
         if self.listen.public == self.listen.internal {
             return Err(invalid("listen.internal", "must differ from listen.public"));
         }

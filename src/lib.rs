@@ -10,6 +10,7 @@
 //! - [`export`]: the export API: routing, sync planning, the record and zip pipelines
 //!   (chunks, encoders, content coding, the zip writer, attachment spooling), event streams.
 //! - [`upstream`]: the dataset-server client (listing, records), credentials forwarded.
+//! - [`cache`]: record values by (collection, recordID, version), so repeated exports skip U2.
 //! - [`journal`]: the SQLite version journal behind pull-sync (`after=` / `at=`).
 //! - [`changes`]: webhooks, polling and pruning: how new versions reach the journal, and the
 //!   change feed's fan-out to subscribers.
@@ -20,9 +21,10 @@
 //! - [`reference`]: the reference dataset server used by `demo` and the tests.
 //!
 //! A request flows one way: proxy → export route → upstream listing → journal (record the
-//! version, plan the sync) → record pipeline (fetch → encode → compress) → response body.
+//! version, plan the sync) → record pipeline (cache or fetch → encode → compress) → response body.
 
 pub mod admin;
+pub mod cache;
 pub mod changes;
 pub mod codec;
 pub mod collection;

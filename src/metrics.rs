@@ -25,6 +25,11 @@ pub struct Metrics {
     pub disconnects: IntCounterVec,
     /// From the change notice (webhook or poll) to an event reaching a subscriber.
     pub delivery_latency: Histogram,
+    /// Record values served from the record cache, and fetched from U2 because they were not.
+    pub cache_hits: IntCounter,
+    pub cache_misses: IntCounter,
+    /// Bytes the record cache holds (values, keys and bookkeeping).
+    pub cache_bytes: IntGauge,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -54,6 +59,13 @@ impl Metrics {
                 .buckets(buckets),
         )
         .expect("valid metric");
+        let cache_hits = IntCounter::new("cache_hits_total", "Records served from the record cache")
+            .expect("valid metric");
+        let cache_misses =
+            IntCounter::new("cache_misses_total", "Records fetched because they were not cached")
+                .expect("valid metric");
+        let cache_bytes =
+            IntGauge::new("cache_bytes", "Bytes held by the record cache").expect("valid metric");
         let metrics = Metrics {
             registry,
             exports,
@@ -64,13 +76,16 @@ impl Metrics {
             pending_merges,
             disconnects,
             delivery_latency,
+            cache_hits,
+            cache_misses,
+            cache_bytes,
         };
         metrics.register();
         metrics
     }
 
     fn register(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 8] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
             Box::new(self.exports.clone()),
             Box::new(self.webhooks.clone()),
             Box::new(self.subscribers.clone()),
@@ -79,6 +94,9 @@ impl Metrics {
             Box::new(self.pending_merges.clone()),
             Box::new(self.disconnects.clone()),
             Box::new(self.delivery_latency.clone()),
+            Box::new(self.cache_hits.clone()),
+            Box::new(self.cache_misses.clone()),
+            Box::new(self.cache_bytes.clone()),
         ];
         for collector in collectors {
             self.registry.register(collector).expect("each metric is registered once");

@@ -2,6 +2,7 @@
 //! `run` blocks until a shutdown signal, as pingora's server owns its own runtimes.
 
 use crate::admin::Admin;
+use crate::cache::RecordCache;
 use crate::changes::hub::Hub;
 use crate::changes::poller::{RecentExports, Upkeep};
 use crate::changes::refresh::Refresher;
@@ -43,6 +44,7 @@ pub fn build(config: &Config, in_flight: &InFlight) -> Result<Server, ConfigErro
         events: config.events.clone(),
         config: config.export.clone(),
         concurrency: config.upstream.concurrency,
+        cache: RecordCache::new(config.cache.max_bytes),
     };
     let conf = ServerConf {
         threads: config.threads(),

@@ -65,6 +65,15 @@ pub struct ListingEntry {
     pub version: String,
 }
 
+/// A record as U2 sent it.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// One CBOR item, not yet validated.
+    pub value: Bytes,
+    /// The record's version, when the server sends it (`X-Version`).
+    pub version: Option<String>,
+}
+
 /// A collection's listing: its version and its records in recordID byte order.
 #[derive(Clone, Debug)]
 pub struct Listing {
@@ -285,14 +294,14 @@ impl Upstream {
         Ok(Some(Listing { version, entries, etag }))
     }
 
-    /// U2: one record's CBOR bytes, or `None` when the record is gone (404).
+    /// U2: one record, or `None` when the record is gone (404).
     /// A 5xx is tried once more: one bad moment of the server should not abort a long export.
     pub async fn record(
         &self,
         collection: &Collection,
         id: &str,
         credentials: &Credentials,
-    ) -> Result<Option<Bytes>, UpstreamError> {
+    ) -> Result<Option<Record>, UpstreamError> {
         match self.record_once(collection, id, credentials).await {
             Err(e) if e.is_transient() => self.record_once(collection, id, credentials).await,
             other => other,
@@ -304,13 +313,15 @@ impl Upstream {
         collection: &Collection,
         id: &str,
         credentials: &Credentials,
-    ) -> Result<Option<Bytes>, UpstreamError> {
+    ) -> Result<Option<Record>, UpstreamError> {
         let answer = self.get(&collection.record_path(id), credentials, HeaderMap::new()).await?;
         if answer.head.status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
         let answer = check_status(answer)?;
-        self.read_body(answer.body).await.map(Some)
+        let version = header_text(&answer.head.headers, "x-version");
+        let value = self.read_body(answer.body).await?;
+        Ok(Some(Record { value, version }))
     }
 
     /// U3: one attachment as a stream, or `None` when the dataset server has no such blob (404).

@@ -503,6 +503,8 @@ async fn a_record_failure_breaks_the_download() {
         assert!(stack.sidecar.wait_for_log("r10x").await, "the log names the record");
 
         stack.store().put_raw(&c, "r10x", cbor(&Value::Integer(3.into())));
+        // A new version, so the record cache cannot answer for it.
+        stack.store().write(&c, vec![("r05".into(), Some(cbor(&tricky_value(5, "new"))))]);
         stack.store().set_fault(&c, "r05", Some(RecordFault::Status(500)));
         let response = stack.get("/export/datasets/alice:broken/zip").await;
         assert_eq!(response.status(), 200);

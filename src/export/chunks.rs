@@ -3,6 +3,7 @@
 
 use super::body::{BodyEncoder, ContentCoding};
 use super::plan::ExportItem;
+use crate::cache::RecordCache;
 use crate::collection::Collection;
 use crate::config::ExportConfig;
 use crate::upstream::{Credentials, Upstream};
@@ -46,6 +47,8 @@ impl std::fmt::Display for ExportFailure {
 /// What every export pipeline reads from: the records to write and how to fetch them.
 pub struct ExportSource {
     pub upstream: Upstream,
+    /// Where records are looked up before they are fetched.
+    pub cache: RecordCache,
     pub collection: Collection,
     /// The caller's, forwarded on every fetch the export makes.
     pub credentials: Credentials,

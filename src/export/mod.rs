@@ -14,6 +14,7 @@ pub mod route;
 pub mod zip;
 pub mod zipfile;
 
+use crate::cache::RecordCache;
 use crate::changes::hub::Hub;
 use crate::changes::poller::RecentExports;
 use crate::collection::Collection;
@@ -79,6 +80,7 @@ pub struct Exporter {
     pub config: ExportConfig,
     /// Record fetches in flight per export.
     pub concurrency: usize,
+    pub cache: RecordCache,
 }
 
 /// Aborts a pipeline task when the request handling that started it ends, however it ends,
@@ -204,6 +206,7 @@ impl Exporter {
     ) -> chunks::ExportSource {
         chunks::ExportSource {
             upstream: self.upstream.clone(),
+            cache: self.cache.clone(),
             collection,
             credentials,
             items,

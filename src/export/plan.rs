@@ -5,14 +5,14 @@ use super::route::Since;
 use crate::collection::Collection;
 use crate::error::ApiError;
 use crate::journal::{Diff, JournalError, Seq, VersionJournal};
-use crate::upstream::Listing;
+use crate::upstream::{Listing, ListingEntry};
 use std::sync::Arc;
 
 /// One entry of an export, in recordID order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExportItem {
-    /// A record to fetch (U2) and write.
-    Record(String),
+    /// A record to fetch (U2) and write, at the version its listing gave.
+    Record(ListingEntry),
     /// A record that existed at the client's version and exists no more.
     Tombstone(String),
 }
@@ -20,7 +20,8 @@ pub enum ExportItem {
 impl ExportItem {
     pub fn id(&self) -> &str {
         match self {
-            ExportItem::Record(id) | ExportItem::Tombstone(id) => id,
+            ExportItem::Record(entry) => &entry.id,
+            ExportItem::Tombstone(id) => id,
         }
     }
 }
@@ -38,7 +39,7 @@ pub async fn plan(
     blocking(move || {
         let current = journal.record(&collection, &listing.version, &listing.entries)?;
         let Some(since) = since else {
-            return Ok(Ok(listing.entries.into_iter().map(|e| ExportItem::Record(e.id)).collect()));
+            return Ok(Ok(listing.entries.into_iter().map(ExportItem::Record).collect()));
         };
         let from = match sync_start(&journal, &collection, &since)? {
             Ok(from) => from,
@@ -50,7 +51,7 @@ pub async fn plan(
             return Ok(Ok(Vec::new()));
         }
         match journal.diff(&collection, Some(from), current) {
-            Ok(diff) => Ok(Ok(merge(diff))),
+            Ok(diff) => Ok(Ok(merge(diff, &listing.entries))),
             // Pruned between looking the version up and reading the diff.
             Err(JournalError::NotKept { .. }) => Ok(Err(version_unknown())),
             Err(e) => Err(e),
@@ -77,9 +78,15 @@ fn sync_start(
     Ok(journal.previous_seq(collection, seq)?.ok_or_else(nothing_before))
 }
 
-/// Changed records and tombstones in one recordID-ordered list (the two are disjoint).
-fn merge(diff: Diff) -> Vec<ExportItem> {
-    let changed = diff.changed.into_iter().map(ExportItem::Record);
+/// Changed records and tombstones in one recordID-ordered list (the two are disjoint). A
+/// changed record takes its version from `entries`, the listing the diff was recorded from.
+fn merge(diff: Diff, entries: &[ListingEntry]) -> Vec<ExportItem> {
+    let version_of = |id: &str| match entries.binary_search_by(|e| e.id.as_str().cmp(id)) {
+        Ok(at) => entries[at].version.clone(),
+        Err(_) => String::new(),
+    };
+    let changed =
+        diff.changed.into_iter().map(|id| ExportItem::Record(ListingEntry { version: version_of(&id), id }));
     let deleted = diff.deleted.into_iter().map(ExportItem::Tombstone);
     let mut items: Vec<ExportItem> = changed.chain(deleted).collect();
     items.sort_unstable_by(|a, b| a.id().cmp(b.id()));
@@ -136,13 +143,17 @@ mod tests {
             changed: vec!["a".into(), "c".into(), "e".into()],
             deleted: vec!["b".into(), "d".into(), "f".into(), "g".into()],
         };
-        let ids: Vec<String> = merge(diff)
+        let entries: Vec<ListingEntry> = ["a", "c", "e"]
+            .iter()
+            .map(|id| ListingEntry { id: id.to_string(), version: format!("v{id}") })
+            .collect();
+        let ids: Vec<String> = merge(diff, &entries)
             .iter()
             .map(|i| match i {
-                ExportItem::Record(id) => format!("+{id}"),
+                ExportItem::Record(entry) => format!("+{}@{}", entry.id, entry.version),
                 ExportItem::Tombstone(id) => format!("-{id}"),
             })
             .collect();
-        assert_eq!(ids, ["+a", "-b", "+c", "-d", "+e", "-f", "-g"]);
+        assert_eq!(ids, ["+a@va", "-b", "+c@vc", "-d", "+e@ve", "-f", "-g"]);
     }
 }

@@ -6,6 +6,7 @@ use super::chunks::{spawn_pipeline, BodyEvent, ChunkWriter, ExportSource, Stop};
 use super::encoder::RecordEncoder;
 use super::plan::ExportItem;
 use super::route::Encoding;
+use crate::cache::CacheScope;
 use crate::upstream::UpstreamError;
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
@@ -27,17 +28,19 @@ impl RecordExport {
 
     async fn run(self, tx: mpsc::Sender<BodyEvent>) -> Result<u64, Stop> {
         let RecordExport { source, encoding, coding } = self;
-        let ExportSource { upstream, collection, credentials, items, written, concurrency, config } = source;
+        let ExportSource { upstream, cache, collection, credentials, items, written, concurrency, config } =
+            source;
+        let scope = CacheScope::new(&collection);
         let mut out = ChunkWriter::new(tx, coding, &config);
         let mut encoder = RecordEncoder::new(encoding);
         encoder.begin(&mut out.raw);
 
         let fetches = stream::iter(items).map(|item| {
-            let (upstream, collection, credentials) = (&upstream, &collection, &credentials);
+            let (upstream, cache, scope, credentials) = (&upstream, &cache, &scope, &credentials);
             async move {
                 match item {
-                    ExportItem::Record(id) => {
-                        let value = upstream.record(collection, &id, credentials).await;
+                    ExportItem::Record(entry) => {
+                        let (id, value) = cache.record(upstream, scope, entry, credentials).await;
                         (id, Fetched::Value(value))
                     }
                     ExportItem::Tombstone(id) => (id, Fetched::Tombstone),

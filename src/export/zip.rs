@@ -8,6 +8,7 @@ use super::plan::{self, ExportItem};
 use super::response::streaming_head;
 use super::zipfile::{EntryMeta, Method, ZipError, ZipWriter};
 use super::{needs_chunked_framing, reject, respond_streamed, ExportLog, Exporter};
+use crate::cache::CacheScope;
 use crate::codec::json::{JsonConverter, JsonStyle};
 use crate::collection::{encode_component, Collection};
 use crate::config::ExportConfig;
@@ -148,7 +149,9 @@ impl ZipExport {
 
     async fn run(self, tx: mpsc::Sender<BodyEvent>) -> Result<u64, Stop> {
         let ZipExport { source, attachments, coding } = self;
-        let ExportSource { upstream, collection, credentials, items, written, concurrency, config } = source;
+        let ExportSource { upstream, cache, collection, credentials, items, written, concurrency, config } =
+            source;
+        let scope = CacheScope::new(&collection);
         let mut out = ArchiveOutput::new(tx, coding, &config);
         let attachments = attachments.then(|| {
             let source = AttachmentSource {
@@ -166,16 +169,13 @@ impl ZipExport {
             attachments,
         };
         // A full export (no `since`) has no tombstones.
-        let ids = items.into_iter().filter_map(|item| match item {
-            ExportItem::Record(id) => Some(id),
+        let listed = items.into_iter().filter_map(|item| match item {
+            ExportItem::Record(entry) => Some(entry),
             ExportItem::Tombstone(_) => None,
         });
-        let fetches = stream::iter(ids).map(|id| {
-            let (upstream, collection, credentials) = (&upstream, &collection, &credentials);
-            async move {
-                let value = upstream.record(collection, &id, credentials).await;
-                (id, value)
-            }
+        let fetches = stream::iter(listed).map(|entry| {
+            let (upstream, cache, scope, credentials) = (&upstream, &cache, &scope, &credentials);
+            cache.record(upstream, scope, entry, credentials)
         });
         let mut fetches = fetches.buffered(concurrency);
         let mut records = 0;
