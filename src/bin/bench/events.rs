@@ -1,119 +1,13 @@
-//! Benchmark harness: runs the reference server and the real sidecar binary on loopback and
-//! prints a table of measurements (also written as JSON). `bench events` measures the feed.
+//! `bench events`: idle event-stream subscribers on one collection; sidecar memory per
+//! subscriber and webhook → delivery latency.
 
-use clap::{Parser, Subcommand};
+use crate::harness::{percentile, write_json, SidecarProcess};
 use export_sidecar::reference::{CollectionId, ReferenceConfig, ReferenceServer};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-
-#[derive(Parser)]
-#[command(name = "bench", about = "Measures export-sidecar against the reference dataset server")]
-struct Cli {
-    #[command(subcommand)]
-    command: Bench,
-}
-
-#[derive(Subcommand)]
-enum Bench {
-    /// Idle event-stream subscribers: sidecar memory per subscriber and change → delivery latency.
-    Events {
-        /// Subscribers held open on one collection.
-        #[arg(long, default_value_t = 10_000)]
-        subscribers: usize,
-        /// Records in the collection (every event lists them all).
-        #[arg(long, default_value_t = 1_000)]
-        records: usize,
-        /// Changes to time.
-        #[arg(long, default_value_t = 20)]
-        rounds: usize,
-        /// Subscribers connected at a time (each waits for its first event before the next
-        /// batch): a burst measures the connect storm, small batches the cost of holding.
-        #[arg(long, default_value_t = 10_000)]
-        batch: usize,
-        /// Where to write the JSON results.
-        #[arg(long, default_value = "bench-events.json")]
-        json: PathBuf,
-    },
-}
-
-fn main() -> Result<(), String> {
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
-    match Cli::parse().command {
-        Bench::Events { subscribers, records, rounds, batch, json } => {
-            runtime.block_on(events(subscribers, records, rounds, batch.max(1), json))
-        }
-    }
-}
-
-/// The sidecar binary built next to this one.
-fn sidecar_binary() -> Result<PathBuf, String> {
-    let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let path = me.with_file_name("export-sidecar");
-    path.exists().then_some(path).ok_or_else(|| "build export-sidecar first (cargo build --release)".into())
-}
-
-fn free_port() -> Result<SocketAddr, String> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    listener.local_addr().map_err(|e| e.to_string())
-}
-
-/// A sidecar process for the benchmark; killed on drop.
-struct SidecarProcess {
-    child: Child,
-    public: SocketAddr,
-    internal: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for SidecarProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl SidecarProcess {
-    async fn start(upstream: &str, extra: &[String]) -> Result<SidecarProcess, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let (public, internal) = (free_port()?, free_port()?);
-        let child = Command::new(sidecar_binary()?)
-            .args(["run", "--upstream", upstream, "--listen", &public.to_string()])
-            .args(["--internal-listen", &internal.to_string()])
-            .arg("--journal")
-            .arg(dir.path().join("journal.sqlite"))
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start the sidecar: {e}"))?;
-        let process = SidecarProcess { child, public, internal, _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(public).await.is_err() {
-            if Instant::now() > deadline {
-                return Err("the sidecar did not start listening".into());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(process)
-    }
-
-    /// Resident set size in KiB, from /proc.
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    }
-}
 
 /// Opens one raw event-stream connection and reports the time each `id:` line arrives.
 async fn subscriber(addr: SocketAddr, path: String, ids: mpsc::UnboundedSender<(String, Instant)>) {
@@ -142,15 +36,7 @@ async fn subscriber(addr: SocketAddr, path: String, ids: mpsc::UnboundedSender<(
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[rank]
-}
-
-async fn events(
+pub async fn events(
     subscribers: usize,
     records: usize,
     rounds: usize,
@@ -171,7 +57,8 @@ async fn events(
     reference.store().write(&collection, seed.map_err(|e| e.to_string())?);
 
     let extra = vec!["--sse-max-connections".to_owned(), (subscribers + 100).to_string()];
-    let sidecar = SidecarProcess::start(&reference.url(), &extra).await?;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let sidecar = SidecarProcess::start(&reference.url(), &dir.path().join("journal.sqlite"), &extra).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = sidecar.rss_kib();
 
@@ -251,10 +138,7 @@ async fn events(
         "last_delivery_p99_ms": percentile(&last, 0.99) * 1e3,
     });
     print_table(&results);
-    std::fs::write(&json, serde_json::to_vec_pretty(&results).map_err(|e| e.to_string())?)
-        .map_err(|e| format!("cannot write {}: {e}", json.display()))?;
-    println!("(written to {})", json.display());
-    Ok(())
+    write_json(&json, &results)
 }
 
 fn print_table(results: &serde_json::Value) {

@@ -1,0 +1,440 @@
+//! `bench exports`: export throughput against the physical limit (fetching the same records
+//! straight from the reference server), the record cache, conversion, zip, pass-through, RSS.
+
+use crate::dataset;
+use crate::harness::{cell, median, write_json, SidecarProcess, Table};
+use crate::load::{self, LoadResult, Nginx};
+use export_sidecar::codec::json::{JsonConverter, JsonStyle};
+use export_sidecar::reference::{attachment_link, CollectionId, ReferenceConfig, ReferenceServer};
+use export_sidecar::upstream::{parse_listing, ListingEntry};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What `bench exports` measures, and how big.
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// Records in the collection exported.
+    #[arg(long, default_value_t = 100_000)]
+    records: usize,
+    /// Approximate CBOR size of each record, in bytes.
+    #[arg(long, default_value_t = 1_000)]
+    record_bytes: usize,
+    /// Runs of each measurement; the table shows the median.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Attachments (1 MiB each) in the zip measurement.
+    #[arg(long, default_value_t = 40)]
+    attachments: usize,
+    /// Seconds of load per pass-through target.
+    #[arg(long, default_value_t = 5.0)]
+    passthrough_seconds: f64,
+    /// Concurrent keep-alive connections of the pass-through load.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Records in the collection whose json-lines export's peak RSS is measured; 0 skips it.
+    #[arg(long, default_value_t = 1_000_000)]
+    rss_records: usize,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "bench-exports.json")]
+    json: PathBuf,
+}
+
+const ENCODINGS: [&str; 3] = ["cbor", "json", "json-lines"];
+
+/// One timed transfer.
+#[derive(Clone, Copy)]
+struct Transfer {
+    records: usize,
+    bytes: u64,
+    seconds: f64,
+}
+
+impl Transfer {
+    fn records_per_second(&self) -> f64 {
+        self.records as f64 / self.seconds
+    }
+
+    fn megabytes_per_second(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.seconds
+    }
+
+    /// The median of runs, by time (all runs move the same records).
+    fn median(runs: &[Transfer]) -> Transfer {
+        let seconds = median(runs.iter().map(|r| r.seconds).collect());
+        let bytes = median(runs.iter().map(|r| r.bytes as f64).collect()) as u64;
+        Transfer { records: runs[0].records, bytes, seconds }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "records": self.records, "bytes": self.bytes, "seconds": self.seconds,
+            "records_per_second": self.records_per_second(), "mb_per_second": self.megabytes_per_second(),
+        })
+    }
+}
+
+pub async fn exports(args: ExportArgs) -> Result<(), String> {
+    let reference = ReferenceServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), ReferenceConfig::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let data = CollectionId::new("datasets", "bench", "data");
+    seed(&reference, &data, args.records, args.record_bytes);
+    let concurrency = export_sidecar::config::Config::default().upstream.concurrency;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let journal = dir.path().join("journal.sqlite");
+    let client =
+        reqwest::Client::builder().pool_max_idle_per_host(1024).build().map_err(|e| e.to_string())?;
+    println!(
+        "{} records of ~{} bytes, {concurrency} fetches in flight, median of {} runs",
+        args.records, args.record_bytes, args.repeat
+    );
+
+    let direct = repeat(args.repeat, || direct_fetch(&client, &reference, &data, concurrency)).await?;
+    let (cold, warm) = cold_and_warm(&args, &client, &reference, &journal).await?;
+    let conversion = conversion(&reference, &data);
+    let zip = zip(&args, &client, &reference, &journal).await?;
+    let passthrough = passthrough(&args, &reference, &data, &journal).await?;
+    let rss = peak_rss(&args, &client, &reference, dir.path()).await?;
+
+    let results = json!({
+        "records": args.records, "record_bytes": args.record_bytes, "concurrency": concurrency,
+        "direct": direct.json(),
+        "cold": ENCODINGS.iter().zip(&cold).map(|(e, t)| (e.to_string(), t.json())).collect::<serde_json::Map<_, _>>(),
+        "warm": ENCODINGS.iter().zip(&warm).map(|(e, t)| (e.to_string(), t.json())).collect::<serde_json::Map<_, _>>(),
+        "conversion": conversion.1,
+        "zip": zip.json(),
+        "passthrough": passthrough.1,
+        "peak_rss": rss.1,
+    });
+    export_table(direct, &cold, &warm)
+        .print("Exports (records/s and output MB/s; ratios: cold to direct, warm to cold)");
+    conversion.0.print("CBOR → JSON conversion of the same records, in memory");
+    zip_table(zip).print("Zip with attachments");
+    passthrough.0.print("Pass-through: GET of one small record");
+    rss.0.print("Peak RSS of the sidecar during a json-lines export (record cache off)");
+    write_json(&args.json, &results)
+}
+
+fn seed(reference: &ReferenceServer, collection: &CollectionId, records: usize, size: usize) {
+    let values = (0..records).map(|i| (dataset::record_id(i), Some(dataset::record(i, size)))).collect();
+    reference.store().write(collection, values);
+}
+
+async fn repeat<F, Fut>(times: usize, mut run: F) -> Result<Transfer, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Transfer, String>>,
+{
+    let mut runs = Vec::new();
+    for _ in 0..times.max(1) {
+        runs.push(run().await?);
+    }
+    Ok(Transfer::median(&runs))
+}
+
+/// The limit for a cold export: the listing, then every record from U2 in order with the
+/// sidecar's concurrency, bytes counted and dropped.
+async fn direct_fetch(
+    client: &reqwest::Client,
+    reference: &ReferenceServer,
+    collection: &CollectionId,
+    concurrency: usize,
+) -> Result<Transfer, String> {
+    let started = Instant::now();
+    let base =
+        format!("{}/{}/{}:{}/records/", reference.url(), collection.realm, collection.user, collection.name);
+    let entries = listing(client, &base).await?;
+    let records = entries.len();
+    let fetches = stream::iter(entries).map(|entry| {
+        let url = format!("{base}{}", entry.id);
+        async move {
+            let response = client.get(url).header("accept", "application/cbor").send().await?;
+            response.bytes().await.map(|b| b.len() as u64)
+        }
+    });
+    let bytes = fetches.buffered(concurrency).try_fold(0, |sum, n| async move { Ok(sum + n) }).await;
+    let bytes = bytes.map_err(|e| e.to_string())?;
+    Ok(Transfer { records, bytes, seconds: started.elapsed().as_secs_f64() })
+}
+
+async fn listing(client: &reqwest::Client, url: &str) -> Result<Vec<ListingEntry>, String> {
+    let response =
+        client.get(url).header("accept", "application/cbor").send().await.map_err(|e| e.to_string())?;
+    let body = response.bytes().await.map_err(|e| e.to_string())?;
+    parse_listing(&body, false).map_err(|e| e.to_string())
+}
+
+/// One export through the sidecar, body counted and dropped.
+async fn export(client: &reqwest::Client, url: &str, records: usize) -> Result<Transfer, String> {
+    let started = Instant::now();
+    let response = client.get(url).send().await.map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("{url} answered {}", response.status()));
+    }
+    let mut body = response.bytes_stream();
+    let mut bytes = 0;
+    while let Some(chunk) = body.next().await {
+        bytes += chunk.map_err(|e| format!("{url}: {e}"))?.len() as u64;
+    }
+    Ok(Transfer { records, bytes, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Per encoding: a cold export from a freshly started sidecar (empty record cache; the journal
+/// already knows the version, as it does for every export after a collection's first), then a
+/// warm one from the same process.
+async fn cold_and_warm(
+    args: &ExportArgs,
+    client: &reqwest::Client,
+    reference: &ReferenceServer,
+    journal: &Path,
+) -> Result<(Vec<Transfer>, Vec<Transfer>), String> {
+    {
+        let primer = SidecarProcess::start(&reference.url(), journal, &[]).await?;
+        export(client, &primer.url("/export/datasets/bench:data?encoding=cbor"), args.records).await?;
+    }
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for encoding in ENCODINGS {
+        let path = format!("/export/datasets/bench:data?encoding={encoding}");
+        let (mut colds, mut warms) = (Vec::new(), Vec::new());
+        for _ in 0..args.repeat.max(1) {
+            let sidecar = SidecarProcess::start(&reference.url(), journal, &[]).await?;
+            colds.push(export(client, &sidecar.url(&path), args.records).await?);
+            warms.push(export(client, &sidecar.url(&path), args.records).await?);
+        }
+        cold.push(Transfer::median(&colds));
+        warm.push(Transfer::median(&warms));
+    }
+    Ok((cold, warm))
+}
+
+fn export_table(direct: Transfer, cold: &[Transfer], warm: &[Transfer]) -> Table {
+    let row = |name: String, t: Transfer, ratio: Option<f64>, target: &str| {
+        let rate = cell(Some(t.records_per_second()), 0);
+        vec![name, rate, cell(Some(t.megabytes_per_second()), 1), cell(ratio, 2), target.to_owned()]
+    };
+    let mut rows = vec![row("direct (listing + U2 each)".into(), direct, Some(1.0), "")];
+    for (i, encoding) in ENCODINGS.iter().enumerate() {
+        let ratio = cold[i].seconds.recip() / direct.seconds.recip();
+        rows.push(row(format!("cold {encoding}"), cold[i], Some(ratio), "≥ 0.90"));
+    }
+    for (i, encoding) in ENCODINGS.iter().enumerate() {
+        let ratio = cold[i].seconds / warm[i].seconds;
+        rows.push(row(format!("warm {encoding}"), warm[i], Some(ratio), "≥ 10"));
+    }
+    Table { header: vec!["run", "records/s", "MB/s", "ratio", "target"], rows }
+}
+
+/// Our CBOR→JSON converter over every record's bytes, against serde_json writing the same
+/// values already parsed into memory (its best case: no CBOR to read).
+fn conversion(reference: &ReferenceServer, collection: &CollectionId) -> (Table, serde_json::Value) {
+    let values: Vec<bytes::Bytes> =
+        reference.store().records(collection).into_iter().map(|(_, _, v)| v).collect();
+    let mut converter = JsonConverter::new();
+    let mut out = Vec::with_capacity(1 << 20);
+    let mut parsed = Vec::with_capacity(values.len());
+    for value in &values {
+        out.clear();
+        if converter.convert(value, JsonStyle::Compact, &mut out).is_ok() {
+            parsed.push(serde_json::from_slice::<serde_json::Value>(&out).unwrap_or_default());
+        }
+    }
+    let ours = time_output(|out| {
+        for value in &values {
+            let _ = converter.convert(value, JsonStyle::Compact, out);
+            drain_if_full(out);
+        }
+    });
+    let theirs = time_output(|out| {
+        for value in &parsed {
+            let _ = serde_json::to_writer(&mut *out, value);
+            drain_if_full(out);
+        }
+    });
+    let row = |name: &str, (seconds, bytes): (f64, u64), ratio: f64| {
+        let rate = cell(Some(values.len() as f64 / seconds), 0);
+        vec![name.to_owned(), rate, cell(Some(bytes as f64 / 1e6 / seconds), 1), cell(Some(ratio), 2)]
+    };
+    let rows = vec![
+        row("export-sidecar CBOR → JSON", ours, theirs.0 / ours.0),
+        row("serde_json::to_writer(Value)", theirs, 1.0),
+    ];
+    let results = json!({
+        "records": values.len(),
+        "converter": {"seconds": ours.0, "bytes": ours.1},
+        "serde_json": {"seconds": theirs.0, "bytes": theirs.1},
+    });
+    (Table { header: vec!["converter", "records/s", "MB/s out", "speed vs serde_json"], rows }, results)
+}
+
+/// Times `work` writing into a buffer that is emptied whenever it holds a chunk, as an export's is.
+fn time_output(mut work: impl FnMut(&mut Vec<u8>)) -> (f64, u64) {
+    let mut out = Vec::with_capacity(1 << 20);
+    let before = written();
+    let started = Instant::now();
+    work(&mut out);
+    let seconds = started.elapsed().as_secs_f64();
+    count(out.len());
+    (seconds, written() - before)
+}
+
+thread_local! {
+    static WRITTEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn written() -> u64 {
+    WRITTEN.get()
+}
+
+fn count(bytes: usize) {
+    WRITTEN.set(WRITTEN.get() + bytes as u64);
+}
+
+fn drain_if_full(out: &mut Vec<u8>) {
+    if out.len() >= 1 << 20 {
+        count(out.len());
+        out.clear();
+    }
+}
+
+/// A zip with attachments: records that link `args.attachments` blobs of 1 MiB (each linked
+/// twice, incompressible like most media), through the sidecar.
+async fn zip(
+    args: &ExportArgs,
+    client: &reqwest::Client,
+    reference: &ReferenceServer,
+    journal: &Path,
+) -> Result<Transfer, String> {
+    let media = CollectionId::new("datasets", "bench", "media");
+    let mut records = Vec::new();
+    for i in 0..args.attachments {
+        let hex = reference.store().add_attachment(dataset::blob(i, 1 << 20), "application/octet-stream");
+        let link = attachment_link(&hex, "application/octet-stream");
+        for copy in 0..2 {
+            let value = ciborium::Value::Map(vec![
+                (ciborium::Value::Text("file".into()), ciborium::Value::Text(link.clone())),
+                (ciborium::Value::Text("copy".into()), ciborium::Value::Integer(copy.into())),
+            ]);
+            let mut bytes = Vec::new();
+            ciborium::into_writer(&value, &mut bytes).map_err(|e| e.to_string())?;
+            records.push((format!("m{i:05}-{copy}"), Some(bytes::Bytes::from(bytes))));
+        }
+    }
+    let count = records.len();
+    reference.store().write(&media, records);
+    let sidecar = SidecarProcess::start(&reference.url(), journal, &[]).await?;
+    let url = sidecar.url("/export/datasets/bench:media/zip?attachments=true");
+    repeat(args.repeat, || export(client, &url, count)).await
+}
+
+fn zip_table(zip: Transfer) -> Table {
+    let rows = vec![vec![
+        zip.records.to_string(),
+        cell(Some(zip.bytes as f64 / 1e6), 1),
+        cell(Some(zip.seconds), 2),
+        cell(Some(zip.megabytes_per_second()), 1),
+    ]];
+    Table { header: vec!["records", "archive MB", "seconds", "MB/s"], rows }
+}
+
+/// Requests/s and latency of one small record through the sidecar, straight from the
+/// upstream, and through nginx (skipped with a note when nginx is not installed).
+async fn passthrough(
+    args: &ExportArgs,
+    reference: &ReferenceServer,
+    collection: &CollectionId,
+    journal: &Path,
+) -> Result<(Table, serde_json::Value), String> {
+    let path = format!(
+        "/{}/{}:{}/records/{}",
+        collection.realm,
+        collection.user,
+        collection.name,
+        dataset::record_id(1)
+    );
+    let sidecar = SidecarProcess::start(&reference.url(), journal, &[]).await?;
+    let (connections, seconds) = (args.connections, args.passthrough_seconds);
+    let mut measured: Vec<(&str, LoadResult)> = vec![
+        ("direct to the upstream", load::run(reference.addr(), &path, connections, seconds).await?),
+        ("through export-sidecar", load::run(sidecar.public, &path, connections, seconds).await?),
+    ];
+    drop(sidecar);
+    match Nginx::start(reference.addr()).await {
+        Ok(nginx) => {
+            measured.push(("through nginx", load::run(nginx.addr, &path, connections, seconds).await?))
+        }
+        Err(why) => println!("\nnginx column skipped: {why}"),
+    }
+    let nginx_rate = measured.iter().find(|(n, _)| n.contains("nginx")).map(|(_, r)| r.requests_per_second);
+    let rows = measured
+        .iter()
+        .map(|(name, r)| {
+            vec![
+                name.to_string(),
+                cell(Some(r.requests_per_second), 0),
+                cell(Some(r.p50_ms), 3),
+                cell(Some(r.p99_ms), 3),
+                cell(nginx_rate.map(|n| r.requests_per_second / n), 2),
+            ]
+        })
+        .collect();
+    let results: serde_json::Map<_, _> = measured
+        .iter()
+        .map(|(name, r)| {
+            let figures =
+                json!({"requests_per_second": r.requests_per_second, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms});
+            (name.to_string(), figures)
+        })
+        .collect();
+    let header = vec!["target", "requests/s", "p50 ms", "p99 ms", "vs nginx"];
+    println!("\n({connections} keep-alive connections, {seconds} s per target)");
+    Ok((Table { header, rows }, json!({"connections": connections, "seconds": seconds, "targets": results})))
+}
+
+/// The sidecar's peak RSS while a large collection streams out as json-lines, against the
+/// target of twice the listing's size in memory plus 64 MB.
+async fn peak_rss(
+    args: &ExportArgs,
+    client: &reqwest::Client,
+    reference: &ReferenceServer,
+    dir: &Path,
+) -> Result<(Table, serde_json::Value), String> {
+    if args.rss_records == 0 {
+        let table = Table { header: vec!["skipped (--rss-records 0)"], rows: Vec::new() };
+        return Ok((table, serde_json::Value::Null));
+    }
+    let big = CollectionId::new("datasets", "bench", "big");
+    seed(reference, &big, args.rss_records, args.record_bytes);
+    let listing_url = format!("{}/datasets/bench:big/records/", reference.url());
+    let entries = listing(client, &listing_url).await?;
+    let listing_bytes = entries.capacity() * std::mem::size_of::<ListingEntry>()
+        + entries.iter().map(|e| e.id.capacity() + e.version.capacity()).sum::<usize>();
+    drop(entries);
+    let config = dir.join("rss.toml");
+    std::fs::write(&config, "[cache]\nmax_bytes = 0\n").map_err(|e| e.to_string())?;
+    let extra = ["--config".to_owned(), config.display().to_string()];
+    let sidecar = SidecarProcess::start(&reference.url(), &dir.join("rss-journal.sqlite"), &extra).await?;
+    let idle = sidecar.rss_kib();
+    let transfer =
+        export(client, &sidecar.url("/export/datasets/bench:big?encoding=json-lines"), args.rss_records)
+            .await?;
+    let peak = sidecar.peak_rss_kib();
+    let limit = 2.0 * listing_bytes as f64 / 1e6 + 64.0;
+    let mb = |kib: u64| kib as f64 * 1024.0 / 1e6;
+    let rows = vec![vec![
+        args.rss_records.to_string(),
+        cell(Some(listing_bytes as f64 / 1e6), 1),
+        cell(Some(mb(idle)), 1),
+        cell(Some(mb(peak)), 1),
+        cell(Some(limit), 1),
+        cell(Some(transfer.seconds), 1),
+    ]];
+    let header = vec!["records", "listing MB", "idle RSS MB", "peak RSS MB", "limit MB", "export s"];
+    let results = json!({
+        "records": args.rss_records, "listing_bytes": listing_bytes, "idle_rss_kib": idle,
+        "peak_rss_kib": peak, "limit_mb": limit, "export": transfer.json(),
+    });
+    Ok((Table { header, rows }, results))
+}

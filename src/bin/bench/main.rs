@@ -1,0 +1,55 @@
+//! Benchmark harness: runs the reference server and the real sidecar binary on loopback and
+//! prints tables of measurements (also written as JSON). See the README for the commands.
+
+mod dataset;
+mod events;
+mod exports;
+mod harness;
+mod load;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "bench", about = "Measures export-sidecar against the reference dataset server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Export throughput against direct fetches, the record cache, CBOR→JSON conversion, zip,
+    /// pass-through against nginx, and peak memory of a large export.
+    Exports(exports::ExportArgs),
+    /// Idle event-stream subscribers: sidecar memory per subscriber and change → delivery latency.
+    Events {
+        /// Subscribers held open on one collection.
+        #[arg(long, default_value_t = 10_000)]
+        subscribers: usize,
+        /// Records in the collection (every event lists them all).
+        #[arg(long, default_value_t = 1_000)]
+        records: usize,
+        /// Changes to time.
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+        /// Subscribers connected at a time (each waits for its first event before the next
+        /// batch): a burst measures the connect storm, small batches the cost of holding.
+        #[arg(long, default_value_t = 10_000)]
+        batch: usize,
+        /// Where to write the JSON results.
+        #[arg(long, default_value = "bench-events.json")]
+        json: PathBuf,
+    },
+}
+
+fn main() -> Result<(), String> {
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    match Cli::parse().command {
+        Bench::Exports(args) => runtime.block_on(exports::exports(args)),
+        Bench::Events { subscribers, records, rounds, batch, json } => {
+            runtime.block_on(events::events(subscribers, records, rounds, batch.max(1), json))
+        }
+    }
+}
