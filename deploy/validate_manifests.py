@@ -53,6 +53,7 @@ def load_manifests(folder):
             manifests[path.name] = [o for o in yaml.load_all(path.read_text(), StrictLoader) if o]
         except yaml.YAMLError as e:
             fail(f"{path}: not valid YAML: {e}")
+            manifests[path.name] = []
     return manifests
 
 
@@ -126,8 +127,8 @@ def check_config(objects, reference_path):
         if key not in reference:
             fail(f"ConfigMap proxy.toml: `{key}` is not a key of {reference_path.name}")
         elif type(value) is not type(reference[key]):
-            fail(f"ConfigMap proxy.toml: `{key}` is a {type(value).__name__}, "
-                 f"{reference_path.name} has a {type(reference[key]).__name__}")
+            fail(f"ConfigMap proxy.toml: `{key}` is {type(value).__name__}, "
+                 f"{reference_path.name} has {type(reference[key]).__name__}")
     print(f"ok   ConfigMap proxy.toml: keys and types as in {reference_path.name}")
     return {**reference, **flatten(config)}
 
