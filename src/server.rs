@@ -7,6 +7,7 @@ use crate::changes::poller::{RecentExports, Upkeep};
 use crate::changes::refresh::Refresher;
 use crate::changes::webhook::WebhookVerifier;
 use crate::config::{Config, ConfigError};
+use crate::export::limit::ExportSlots;
 use crate::export::Exporter;
 use crate::journal::VersionJournal;
 use crate::proxy::Sidecar;
@@ -43,6 +44,7 @@ pub fn build(config: &Config, in_flight: &InFlight) -> Result<Server, ConfigErro
         events: config.events.clone(),
         config: config.export.clone(),
         concurrency: config.upstream.concurrency,
+        slots: ExportSlots::new(config.export.max_concurrent),
     };
     let conf = ServerConf {
         threads: config.threads(),
@@ -55,7 +57,12 @@ pub fn build(config: &Config, in_flight: &InFlight) -> Result<Server, ConfigErro
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        Sidecar { exporter, target, in_flight: in_flight.clone() },
+        Sidecar {
+            exporter,
+            target: target.clone(),
+            connect_timeout: config.upstream.connect_timeout(),
+            in_flight: in_flight.clone(),
+        },
         "public",
     );
     proxy.add_tcp(&config.listen.public.to_string());
