@@ -1,20 +1,23 @@
 //! The internal listener: endpoints that must never be reachable from the public one —
-//! change webhooks, `/healthz` (process alive), `/readyz` (public listener accepting).
+//! change webhooks, `/healthz` (process alive), `/readyz` (able to serve), `/metrics`.
 
 use crate::changes::refresh::Refresher;
 use crate::changes::webhook::{Accepted, WebhookVerifier, MAX_BODY};
+use crate::journal::VersionJournal;
 use crate::metrics;
+use crate::readiness::Readiness;
 use async_trait::async_trait;
 use http::{Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
-use std::net::SocketAddr;
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 /// Answers the internal listener's requests.
 pub struct Admin {
-    /// The public listener, probed by `/readyz`: ready means a client can connect now.
-    pub public: SocketAddr,
+    pub readiness: Readiness,
+    /// Its file size is read at each scrape, so the gauge is never stale.
+    pub journal: Arc<VersionJournal>,
     pub verifier: WebhookVerifier,
     /// Re-reads a collection's listing after a webhook says it changed.
     pub refresher: Refresher,
@@ -28,13 +31,7 @@ impl ServeHttp for Admin {
             "/healthz" => json(StatusCode::OK, r#"{"status":"alive"}"#),
             "/readyz" => self.readiness().await,
             "/hooks/changes" => self.webhook(session).await,
-            "/metrics" => {
-                let mut response = Response::new(metrics::get().render());
-                response
-                    .headers_mut()
-                    .insert("content-type", http::HeaderValue::from_static("text/plain; version=0.0.4"));
-                response
-            }
+            "/metrics" => self.metrics(),
             _ => json(
                 StatusCode::NOT_FOUND,
                 r#"{"error":"not_found","message":"internal endpoints are POST /hooks/changes, /healthz, /readyz and /metrics"}"#,
@@ -82,18 +79,22 @@ impl Admin {
     }
 
     async fn readiness(&self) -> Response<Vec<u8>> {
-        let probe = tokio::time::timeout(
-            Duration::from_secs(1),
-            tokio::net::TcpStream::connect(loopback_for(self.public)),
-        )
-        .await;
-        match probe {
-            Ok(Ok(_)) => json(StatusCode::OK, r#"{"status":"ready"}"#),
-            _ => json(
-                StatusCode::SERVICE_UNAVAILABLE,
-                r#"{"error":"not_ready","message":"the public listener is not accepting connections yet"}"#,
-            ),
+        let report = self.readiness.check().await;
+        let status = if report.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        json(status, &report.to_json().to_string())
+    }
+
+    fn metrics(&self) -> Response<Vec<u8>> {
+        // Two `stat` calls: cheap enough to run on the listener's thread.
+        match self.journal.size_bytes() {
+            Ok(bytes) => metrics::get().journal_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX)),
+            Err(e) => tracing::warn!(error = %e, "cannot read the journal's size for /metrics"),
         }
+        let mut response = Response::new(metrics::get().render());
+        response
+            .headers_mut()
+            .insert("content-type", http::HeaderValue::from_static("text/plain; version=0.0.4"));
+        response
     }
 }
 
@@ -106,17 +107,6 @@ async fn read_limited(session: &mut ServerSession, limit: usize) -> Option<Vec<u
             Ok(Some(_)) | Err(_) => return None,
             Ok(None) => return Some(body),
         }
-    }
-}
-
-/// A wildcard listen address cannot be connected to; its loopback twin can.
-fn loopback_for(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V4(a) if a.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], a.port())),
-        SocketAddr::V6(a) if a.ip().is_unspecified() => {
-            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
-        }
-        other => other,
     }
 }
 

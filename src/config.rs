@@ -30,9 +30,16 @@ pub struct UpstreamConfig {
     pub url: String,
     /// Record fetches in flight per export; the ordered output waits on the slowest of them.
     pub concurrency: usize,
+    /// Longest wait for a TCP connection to the dataset server.
     pub connect_timeout_ms: u64,
-    /// Longest silence while waiting for a response head or the next body bytes.
+    /// Longest wait from sending a request (connecting included) to its response head: a
+    /// server that accepts and then hangs must not hold an export forever.
+    pub first_byte_timeout_ms: u64,
+    /// Longest silence between body bytes once the head has arrived.
     pub idle_timeout_ms: u64,
+    /// A record (U2 body) larger than this fails its export: each of the `concurrency`
+    /// fetches holds a whole record in memory, so this bounds an export's memory.
+    pub max_record_bytes: usize,
 }
 
 /// The two listeners: public traffic and the loopback-only operator endpoints.
@@ -55,6 +62,10 @@ pub struct ExportConfig {
     /// Where zip exports spool attachments while checking their hash; empty means the system
     /// temporary directory. A setting because attachments can be large and `/tmp` small.
     pub temp_dir: PathBuf,
+    /// Record and zip exports running at once; one more gets 503 with `Retry-After`. Each
+    /// holds `upstream.concurrency` fetches, so this caps the load put on the dataset server.
+    /// Event streams have their own cap, `events.max_connections`.
+    pub max_concurrent: usize,
 }
 
 /// The version journal behind pull-sync: where it lives and how long versions are kept.
@@ -140,6 +151,9 @@ pub struct ServerConfig {
     pub threads: usize,
     /// Seconds running requests get to finish after SIGTERM.
     pub grace_period_seconds: u64,
+    /// Seconds between SIGTERM and closing the listeners, while `/readyz` already answers 503:
+    /// Kubernetes keeps routing to a pod for a few seconds after it is told to stop.
+    pub drain_delay_seconds: u64,
 }
 
 /// Log output.
@@ -165,7 +179,9 @@ impl Default for UpstreamConfig {
             url: "http://127.0.0.1:3000".into(),
             concurrency: 32,
             connect_timeout_ms: 5_000,
+            first_byte_timeout_ms: 30_000,
             idle_timeout_ms: 30_000,
+            max_record_bytes: 16 << 20,
         }
     }
 }
@@ -181,7 +197,12 @@ impl Default for ListenConfig {
 
 impl Default for ExportConfig {
     fn default() -> Self {
-        ExportConfig { chunk_bytes: 64 * 1024, flush_interval_ms: 200, temp_dir: PathBuf::new() }
+        ExportConfig {
+            chunk_bytes: 64 * 1024,
+            flush_interval_ms: 200,
+            temp_dir: PathBuf::new(),
+            max_concurrent: 32,
+        }
     }
 }
 
@@ -220,7 +241,7 @@ impl Default for ChangesConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { threads: 0, grace_period_seconds: 30 }
+        ServerConfig { threads: 0, grace_period_seconds: 30, drain_delay_seconds: 0 }
     }
 }
 
@@ -261,9 +282,12 @@ impl Config {
         self.upstream.target()?;
         check_range("upstream.concurrency", self.upstream.concurrency, 1, 4096)?;
         check_range("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms, 1, 600_000)?;
+        check_range("upstream.first_byte_timeout_ms", self.upstream.first_byte_timeout_ms, 1, 3_600_000)?;
         check_range("upstream.idle_timeout_ms", self.upstream.idle_timeout_ms, 1, 3_600_000)?;
+        check_range("upstream.max_record_bytes", self.upstream.max_record_bytes, 1, 1 << 30)?;
         check_range("export.chunk_bytes", self.export.chunk_bytes, 512, 16 << 20)?;
         check_range("export.flush_interval_ms", self.export.flush_interval_ms, 1, 60_000)?;
+        check_range("export.max_concurrent", self.export.max_concurrent, 1, 100_000)?;
         if !self.export.spool_dir().is_dir() {
             return Err(invalid(
                 "export.temp_dir",
@@ -278,6 +302,7 @@ impl Config {
         check_range("events.retry_ms", self.events.retry_ms, 100, 3_600_000)?;
         check_range("server.grace_period_seconds", self.server.grace_period_seconds, 0, 86_400)?;
         check_range("cache.max_bytes", self.cache.max_bytes, 0, 1 << 40)?;
+        check_range("server.drain_delay_seconds", self.server.drain_delay_seconds, 0, 3_600)?;
         if self.listen.public == self.listen.internal {
             return Err(invalid("listen.internal", "must differ from listen.public"));
         }
@@ -352,6 +377,10 @@ impl UpstreamConfig {
 
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    pub fn first_byte_timeout(&self) -> Duration {
+        Duration::from_millis(self.first_byte_timeout_ms)
     }
 
     pub fn idle_timeout(&self) -> Duration {

@@ -15,8 +15,9 @@
 use crate::collection::Collection;
 use crate::upstream::{Listing, ListingEntry};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A version's position in the journal: global over all collections, increasing, never reused
@@ -28,6 +29,10 @@ const SCHEMA_VERSION: i64 = 1;
 
 /// How long a connection waits for another process's lock before giving up with `SQLITE_BUSY`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the writability probe waits for the write lock: a readiness check must answer
+/// quickly, and a lock held this long by another process already delays every export.
+const PROBE_WAIT: Duration = Duration::from_millis(250);
 
 /// Rows deleted per transaction while pruning: small enough that a `record` waits milliseconds.
 const PRUNE_BATCH: i64 = 10_000;
@@ -131,6 +136,8 @@ pub enum JournalError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the version journal {path} is no longer the file the sidecar opened ({detail}); what it writes would be lost on restart")]
+    Replaced { path: PathBuf, detail: String },
 }
 
 /// Attaches what the journal was doing to a SQLite error.
@@ -183,6 +190,9 @@ pub struct VersionJournal {
     /// Idle read connections. WAL readers never wait for the writer, so an export's diff does not
     /// queue behind a large `record` or a prune batch of another collection.
     readers: Mutex<Vec<Connection>>,
+    /// Device and inode of the file as opened: a file deleted or replaced underneath (a temp
+    /// directory cleaner, an operator) keeps taking writes that no restart will see.
+    identity: (u64, u64),
 }
 
 impl VersionJournal {
@@ -196,11 +206,34 @@ impl VersionJournal {
             .context("switching to WAL mode")?;
         conn.pragma_update(None, "synchronous", "NORMAL").context("setting synchronous")?;
         ensure_schema(&mut conn, path)?;
+        let identity =
+            file_identity(path).map_err(|detail| JournalError::Replaced { path: path.to_owned(), detail })?;
         Ok(VersionJournal {
             path: path.to_owned(),
             writer: Mutex::new(conn),
             readers: Mutex::new(Vec::new()),
+            identity,
         })
+    }
+
+    /// Whether a write could be made now: the file at `path` is still the one opened, and the
+    /// write lock can be taken within `PROBE_WAIT` (another process holding it, or a file
+    /// SQLite can only read, fails). Writes nothing. Blocks; async callers use `spawn_blocking`.
+    pub fn check_writable(&self) -> Result<(), JournalError> {
+        let replaced = |detail| JournalError::Replaced { path: self.path.clone(), detail };
+        if file_identity(&self.path).map_err(replaced)? != self.identity {
+            return Err(replaced("another file is at its path".into()));
+        }
+        let conn = match self.writer.try_lock() {
+            Ok(conn) => conn,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            // Held by a write in progress: the journal is being written right now.
+            Err(TryLockError::WouldBlock) => return Ok(()),
+        };
+        conn.busy_timeout(PROBE_WAIT).context("shortening busy_timeout")?;
+        let probe = conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK").context("taking the write lock");
+        conn.busy_timeout(BUSY_TIMEOUT).context("restoring busy_timeout")?;
+        probe
     }
 
     /// Records `entries` (sorted by id, unique ids) as `version` of `collection` and returns its seq.
@@ -629,6 +662,12 @@ fn unix_seconds(time: SystemTime) -> i64 {
 }
 
 /// A file's length, 0 if it does not exist (the WAL is removed when the last connection closes).
+/// Device and inode of the file at `path`, or why it cannot be read.
+fn file_identity(path: &Path) -> Result<(u64, u64), String> {
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    Ok((meta.dev(), meta.ino()))
+}
+
 fn file_len(path: &Path) -> Result<u64, JournalError> {
     match std::fs::metadata(path) {
         Ok(meta) => Ok(meta.len()),
@@ -778,6 +817,24 @@ mod tests {
             .and_then(|conn| conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1))
             .expect("bump schema");
         assert!(matches!(VersionJournal::open(&path), Err(JournalError::NewerSchema { .. })));
+    }
+
+    #[test]
+    fn writability_probe_sees_a_foreign_lock_and_a_moved_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let j = open(&dir);
+        j.check_writable().expect("a fresh journal is writable");
+        let other = Connection::open(dir.path().join("journal.sqlite")).expect("second connection");
+        other.execute_batch("BEGIN IMMEDIATE").expect("lock");
+        let err = j.check_writable().expect_err("another process holds the write lock");
+        assert!(err.to_string().contains("write lock"), "{err}");
+        other.execute_batch("ROLLBACK").expect("unlock");
+        j.check_writable().expect("writable again");
+        let moved = dir.path().join("moved.sqlite");
+        std::fs::rename(dir.path().join("journal.sqlite"), &moved).expect("move");
+        assert!(matches!(j.check_writable(), Err(JournalError::Replaced { .. })));
+        std::fs::rename(&moved, dir.path().join("journal.sqlite")).expect("move back");
+        j.check_writable().expect("the same file is back");
     }
 
     #[test]

@@ -4,11 +4,14 @@
 //! # Layout
 //! - [`config`]: `proxy.toml` schema, defaults and validation.
 //! - [`server`]: assembles the pingora server (public and internal listeners) and runs it.
-//! - [`shutdown`]: SIGTERM drains in-flight requests, then exits.
+//! - [`shutdown`]: SIGTERM marks the process draining, waits out the drain delay, lets
+//!   in-flight requests finish, then exits.
 //! - [`proxy`]: the public listener's `ProxyHttp`: routes `/export`, passes the rest through.
 //! - [`admin`]: the internal listener (webhooks, health, readiness, metrics).
+//! - [`readiness`]: what `/readyz` checks (listener, dataset server, journal, draining).
 //! - [`export`]: the export API: routing, sync planning, the record and zip pipelines
-//!   (chunks, encoders, content coding, the zip writer, attachment spooling), event streams.
+//!   (chunks, encoders, content coding, the zip writer, attachment spooling), event streams,
+//!   and the cap on exports running at once.
 //! - [`upstream`]: the dataset-server client (listing, records), credentials forwarded.
 //! - [`cache`]: record values by (collection, recordID, version), so repeated exports skip U2.
 //! - [`journal`]: the SQLite version journal behind pull-sync (`after=` / `at=`).
@@ -34,6 +37,7 @@ pub mod export;
 pub mod journal;
 pub mod metrics;
 pub mod proxy;
+pub mod readiness;
 pub mod reference;
 pub mod server;
 pub mod shutdown;

@@ -31,23 +31,24 @@ enum Command {
     Reference(ReferenceArgs),
 }
 
-/// Flags override the config file; the config file overrides the built-in defaults.
+/// Flags override the config file; the config file overrides the built-in defaults. The
+/// environment variables stand in for absent flags: Kubernetes injects settings that way.
 #[derive(Args)]
 struct RunArgs {
     /// proxy.toml to read; without it the documented defaults apply.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "EXPORT_SIDECAR_CONFIG")]
     config: Option<PathBuf>,
     /// The dataset server's base URL, e.g. http://127.0.0.1:3000.
     #[arg(long, value_name = "URL", env = "EXPORT_SIDECAR_UPSTREAM")]
     upstream: Option<String>,
     /// Public listener address.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "EXPORT_SIDECAR_LISTEN")]
     listen: Option<SocketAddr>,
-    /// Internal listener address (health, readiness; keep it on loopback).
-    #[arg(long, value_name = "ADDR")]
+    /// Internal listener address (webhooks, health, readiness, metrics; keep it on loopback).
+    #[arg(long, value_name = "ADDR", env = "EXPORT_SIDECAR_INTERNAL_LISTEN")]
     internal_listen: Option<SocketAddr>,
     /// Version journal file (SQLite).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "EXPORT_SIDECAR_JOURNAL")]
     journal: Option<PathBuf>,
     /// Standard Webhooks secret for incoming webhooks.
     #[arg(long, value_name = "S", env = "EXPORT_SIDECAR_WEBHOOK_SECRET", hide_env_values = true)]

@@ -4,19 +4,24 @@
 use crate::config::UpstreamTarget;
 use crate::error::ApiError;
 use crate::export::response::send_error;
-use crate::export::route::is_export_path;
+use crate::export::route::{self, is_export_path};
 use crate::export::{ExportLog, Exporter};
+use crate::metrics;
 use crate::shutdown::{InFlight, InFlightGuard};
 use async_trait::async_trait;
 use pingora::modules::http::HttpModules;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
+use std::time::Duration;
 
 /// The public listener's behaviour. Built once; shared by every request.
 pub struct Sidecar {
     pub exporter: Exporter,
     pub target: UpstreamTarget,
+    /// `upstream.connect_timeout_ms`, for pass-through too. No read timeout there: upgraded
+    /// connections and long polls may rightly stay quiet for long.
+    pub connect_timeout: Duration,
     /// Counts requests so a SIGTERM exits as soon as the last one is done.
     pub in_flight: InFlight,
 }
@@ -49,7 +54,8 @@ impl ProxyHttp for Sidecar {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
-        let peer = HttpPeer::new(self.target.addr, false, self.target.host.clone());
+        let mut peer = HttpPeer::new(self.target.addr, false, self.target.host.clone());
+        peer.options.connection_timeout = Some(self.connect_timeout);
         Ok(Box::new(peer))
     }
 
@@ -75,12 +81,12 @@ impl ProxyHttp for Sidecar {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        count_request(session);
         let Some(log) = &ctx.export else { return };
         let collection = log.collection.as_ref().map(|c| c.to_string()).unwrap_or_default();
         let bytes = session.body_bytes_sent();
         let records = log.records.load(std::sync::atomic::Ordering::Relaxed);
-        let kind = if log.encoding.is_empty() { "unknown" } else { log.encoding };
-        crate::metrics::get().exports.with_label_values(&[kind, log.outcome]).inc();
+        count_export(log, records, bytes);
         let duration_ms = log.started.elapsed().as_millis() as u64;
         let error = e.map(|e| e.to_string()).unwrap_or_default();
         // One line per export, with every field named; only failures are warnings: a client
@@ -106,6 +112,29 @@ impl ProxyHttp for Sidecar {
             export_line!(info);
         }
     }
+}
+
+/// `requests_total` by route and the status sent (`none` when no head went out).
+fn count_request(session: &Session) {
+    let route = route::label(session.req_header().uri.path());
+    let status = session.response_written().map(|head| head.status);
+    let status = status.as_ref().map_or("none", |s| s.as_str());
+    metrics::get().requests.with_label_values(&[route, status]).inc();
+}
+
+/// The export metrics. Records, bytes and duration count only exports that sent a body:
+/// a refusal or a 304 says nothing about export cost, and an event stream's duration is
+/// its client's choice.
+fn count_export(log: &ExportLog, records: u64, bytes: usize) {
+    let metrics = metrics::get();
+    let kind = if log.encoding.is_empty() { "unknown" } else { log.encoding };
+    metrics.exports.with_label_values(&[kind, log.outcome]).inc();
+    if log.status != 200 || kind == "event-stream" {
+        return;
+    }
+    metrics.export_records.with_label_values(&[kind]).inc_by(records);
+    metrics.export_bytes.with_label_values(&[kind]).inc_by(bytes as u64);
+    metrics.export_duration.with_label_values(&[kind]).observe(log.started.elapsed().as_secs_f64());
 }
 
 /// The client-facing error for a failed pass-through, or `None` when the client is gone.

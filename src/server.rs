@@ -8,10 +8,12 @@ use crate::changes::poller::{RecentExports, Upkeep};
 use crate::changes::refresh::Refresher;
 use crate::changes::webhook::WebhookVerifier;
 use crate::config::{Config, ConfigError};
+use crate::export::limit::ExportSlots;
 use crate::export::Exporter;
 use crate::journal::VersionJournal;
 use crate::proxy::Sidecar;
-use crate::shutdown::{DrainThenExit, InFlight};
+use crate::readiness::Readiness;
+use crate::shutdown::{DrainThenExit, Draining, InFlight};
 use crate::upstream::{Credentials, Upstream};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
@@ -21,8 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Builds the server from a validated config; nothing listens until `run`. `in_flight`
-/// counts the public listener's requests.
-pub fn build(config: &Config, in_flight: &InFlight) -> Result<Server, ConfigError> {
+/// counts the public listener's requests; `draining` is set on SIGTERM.
+pub fn build(config: &Config, in_flight: &InFlight, draining: &Draining) -> Result<Server, ConfigError> {
     let target = config.upstream.target()?;
     let upstream = Upstream::new(&config.upstream)?;
     let journal = VersionJournal::open(&config.journal.path).map_err(|e| ConfigError::Invalid {
@@ -45,6 +47,7 @@ pub fn build(config: &Config, in_flight: &InFlight) -> Result<Server, ConfigErro
         config: config.export.clone(),
         concurrency: config.upstream.concurrency,
         cache: RecordCache::new(config.cache.max_bytes),
+        slots: ExportSlots::new(config.export.max_concurrent),
     };
     let conf = ServerConf {
         threads: config.threads(),
@@ -57,12 +60,23 @@ pub fn build(config: &Config, in_flight: &InFlight) -> Result<Server, ConfigErro
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        Sidecar { exporter, target, in_flight: in_flight.clone() },
+        Sidecar {
+            exporter,
+            target: target.clone(),
+            connect_timeout: config.upstream.connect_timeout(),
+            in_flight: in_flight.clone(),
+        },
         "public",
     );
     proxy.add_tcp(&config.listen.public.to_string());
 
-    let admin = Admin { public: config.listen.public, verifier, refresher: refresher.clone() };
+    let readiness = Readiness {
+        public: config.listen.public,
+        upstream: target.addr,
+        journal: Arc::clone(&journal),
+        draining: draining.clone(),
+    };
+    let admin = Admin { readiness, journal: Arc::clone(&journal), verifier, refresher: refresher.clone() };
     let mut admin = Service::new("internal".to_owned(), admin);
     admin.threads = Some(1);
     admin.add_tcp(&config.listen.internal.to_string());
@@ -105,14 +119,15 @@ pub fn run(config: &Config) -> Result<(), ConfigError> {
     // pingora retries a busy address forever; an operator wants to hear about it at once.
     check_free("listen.public", config.listen.public)?;
     check_free("listen.internal", config.listen.internal)?;
-    let in_flight = InFlight::default();
-    let server = build(config, &in_flight)?;
+    let (in_flight, draining) = (InFlight::default(), Draining::default());
+    let server = build(config, &in_flight, &draining)?;
     tracing::info!(
         public = %config.listen.public,
         internal = %config.listen.internal,
         upstream = %config.upstream.url,
         "export-sidecar listening"
     );
-    server.run(RunArgs { shutdown_signal: Box::new(DrainThenExit { in_flight }) });
+    let delay = Duration::from_secs(config.server.drain_delay_seconds);
+    server.run(RunArgs { shutdown_signal: Box::new(DrainThenExit { in_flight, draining, delay }) });
     Ok(())
 }

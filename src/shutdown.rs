@@ -1,9 +1,9 @@
-//! Graceful shutdown: SIGTERM stops accepting (pingora) and the process exits as soon as no
-//! request is in flight, instead of always sleeping out the whole grace period.
+//! Graceful shutdown: SIGTERM marks the sidecar as draining (`/readyz` fails), then stops
+//! accepting (pingora), and the process exits as soon as no request is in flight.
 
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch, UnixShutdownSignalWatch};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,10 +31,28 @@ impl Drop for InFlightGuard {
     }
 }
 
-/// pingora's signal handling, plus: after SIGTERM, exit once nothing is in flight. Event
-/// streams end themselves within a second of shutdown starting, so they do not hold it up.
+/// Set once SIGTERM arrives; readiness reports it so load balancers stop sending traffic.
+#[derive(Clone, Default)]
+pub struct Draining(Arc<AtomicBool>);
+
+impl Draining {
+    pub fn start(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// pingora's signal handling, plus: SIGTERM first marks the process draining and keeps serving
+/// for `delay` (so readiness fails before the listeners close), then lets pingora stop
+/// accepting, and exits once nothing is in flight. Event streams end themselves within a
+/// second of shutdown starting, so they do not hold it up.
 pub struct DrainThenExit {
     pub in_flight: InFlight,
+    pub draining: Draining,
+    pub delay: Duration,
 }
 
 /// Time for event streams to notice the shutdown and end cleanly before the count is read.
@@ -43,7 +61,16 @@ const SETTLE: Duration = Duration::from_millis(1500);
 #[async_trait]
 impl ShutdownSignalWatch for DrainThenExit {
     async fn recv(&self) -> ShutdownSignal {
-        let signal = UnixShutdownSignalWatch.recv().await;
+        let mut signal = UnixShutdownSignalWatch.recv().await;
+        if matches!(signal, ShutdownSignal::GracefulTerminate) {
+            self.draining.start();
+            tracing::info!(delay_seconds = self.delay.as_secs(), "SIGTERM: draining");
+            // A second signal during the delay (SIGINT, another SIGTERM) cuts it short.
+            tokio::select! {
+                () = tokio::time::sleep(self.delay) => {}
+                next = UnixShutdownSignalWatch.recv() => signal = next,
+            }
+        }
         if matches!(signal, ShutdownSignal::GracefulTerminate) {
             let in_flight = self.in_flight.clone();
             std::thread::spawn(move || exit_when_idle(&in_flight));

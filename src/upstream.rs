@@ -4,6 +4,7 @@
 use crate::collection::Collection;
 use crate::config::UpstreamConfig;
 use crate::error::ApiError;
+use crate::metrics;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Empty};
@@ -15,7 +16,7 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const CBOR: &str = "application/cbor";
 
@@ -90,19 +91,67 @@ pub enum UpstreamError {
     /// No answer: the connection could not be made, or broke before a response head.
     #[error("the connection to the dataset server failed: {0}")]
     Connect(String),
-    #[error("the dataset server did not answer in time")]
-    Timeout,
+    #[error("the dataset server did not answer within {}", .0.setting())]
+    Timeout(Deadline),
     #[error("the dataset server answered {status}")]
     Status { status: StatusCode, www_authenticate: Option<String> },
     #[error("the dataset server sent an unusable answer: {0}")]
     Protocol(String),
+    /// A record over `upstream.max_record_bytes`: refused rather than held in memory.
+    #[error("the record is larger than upstream.max_record_bytes ({limit} bytes)")]
+    TooLarge { limit: usize },
+}
+
+/// Which configured wait ran out, so the log and the metrics name the setting to look at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deadline {
+    /// The TCP connection was not made in time.
+    Connect,
+    /// The connection was made but the response head did not come in time.
+    FirstByte,
+    /// The body stopped arriving.
+    Idle,
+}
+
+impl Deadline {
+    fn setting(self) -> &'static str {
+        match self {
+            Deadline::Connect => "upstream.connect_timeout_ms",
+            Deadline::FirstByte => "upstream.first_byte_timeout_ms",
+            Deadline::Idle => "upstream.idle_timeout_ms",
+        }
+    }
 }
 
 impl UpstreamError {
     /// A request that got no response head failed on its connection (refused, reset, or a
-    /// pooled keep-alive connection the server had closed), whatever hyper calls it.
+    /// pooled keep-alive connection the server had closed), whatever hyper calls it; the
+    /// connector reports its own timeout as an `io::Error` somewhere in the chain.
     fn from_client(e: hyper_util::client::legacy::Error) -> UpstreamError {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            if cause
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+            {
+                return UpstreamError::Timeout(Deadline::Connect);
+            }
+            source = cause.source();
+        }
         UpstreamError::Connect(error_chain(&e))
+    }
+
+    /// The `kind` label of `upstream_errors_total`.
+    fn metric_kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect(_) => "connect",
+            UpstreamError::Timeout(Deadline::Connect) => "connect_timeout",
+            UpstreamError::Timeout(Deadline::FirstByte) => "first_byte_timeout",
+            UpstreamError::Timeout(Deadline::Idle) => "idle_timeout",
+            UpstreamError::Status { .. } => "status",
+            UpstreamError::Protocol(_) => "protocol",
+            UpstreamError::TooLarge { .. } => "too_large",
+        }
     }
 
     /// Worth one more try at the record level: the server failed, not the request. Connection
@@ -141,10 +190,15 @@ impl UpstreamError {
                     None => e,
                 }
             }
-            UpstreamError::Timeout => ApiError::new(
+            UpstreamError::Timeout(_) => ApiError::new(
                 504,
                 "upstream_timeout",
                 format!("the dataset server did not answer in time for {what}; try again later"),
+            ),
+            UpstreamError::TooLarge { limit } => ApiError::new(
+                502,
+                "record_too_large",
+                format!("{what} holds a record larger than the sidecar's limit of {limit} bytes"),
             ),
             UpstreamError::Connect(_) => ApiError::new(
                 502,
@@ -178,7 +232,10 @@ pub struct Upstream {
     client: Client<HttpConnector, Empty<Bytes>>,
     /// `http://host:port`, prefixed to every path.
     base: Arc<str>,
+    first_byte_timeout: Duration,
     idle_timeout: Duration,
+    /// The largest record body read; see `upstream.max_record_bytes`.
+    max_record_bytes: usize,
 }
 
 /// A response whose head has arrived; its body is read with the idle timeout.
@@ -197,12 +254,20 @@ impl Upstream {
             .pool_max_idle_per_host(config.concurrency * 2)
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
-        Ok(Upstream { client, base: Arc::from(target.base), idle_timeout: config.idle_timeout() })
+        Ok(Upstream {
+            client,
+            base: Arc::from(target.base),
+            first_byte_timeout: config.first_byte_timeout(),
+            idle_timeout: config.idle_timeout(),
+            max_record_bytes: config.max_record_bytes,
+        })
     }
 
-    /// Sends a GET for `path` (already escaped) and waits for the response head.
+    /// Sends a GET for `path` (already escaped) and waits for the response head;
+    /// `request_kind` names it in the latency metric.
     async fn get(
         &self,
+        request_kind: &'static str,
         path: &str,
         credentials: &Credentials,
         extra: HeaderMap,
@@ -219,40 +284,48 @@ impl Upstream {
         // A connection that breaks before any answer is tried once more: after the dataset
         // server restarts, the pool's first connections are stale.
         let retry = clone_request(&request);
+        let started = Instant::now();
         let response = match self.send(request).await {
             Err(UpstreamError::Connect(_)) => self.send(retry).await?,
             other => other?,
         };
+        metrics::get()
+            .upstream_latency
+            .with_label_values(&[request_kind])
+            .observe(started.elapsed().as_secs_f64());
         let (head, body) = response.into_parts();
         Ok(Answer { head, body })
     }
 
+    /// One attempt, bounded by the first-byte timeout; the connector bounds the connect
+    /// inside it by the (usually shorter) connect timeout.
     async fn send(
         &self,
         request: http::Request<Empty<Bytes>>,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
-        tokio::time::timeout(self.idle_timeout, self.client.request(request))
+        tokio::time::timeout(self.first_byte_timeout, self.client.request(request))
             .await
-            .map_err(|_| UpstreamError::Timeout)?
+            .map_err(|_| UpstreamError::Timeout(Deadline::FirstByte))?
             .map_err(UpstreamError::from_client)
     }
 
-    /// Reads a whole body, allowing at most the idle timeout between frames.
-    async fn read_body(&self, mut body: Incoming) -> Result<Bytes, UpstreamError> {
+    /// Reads a whole body, allowing at most the idle timeout between frames and at most
+    /// `limit` bytes in all (a listing has no limit: its size is the collection's).
+    async fn read_body(&self, mut body: Incoming, limit: Option<usize>) -> Result<Bytes, UpstreamError> {
         let mut collected = BytesMut::new();
         loop {
             let frame = tokio::time::timeout(self.idle_timeout, body.frame())
                 .await
-                .map_err(|_| UpstreamError::Timeout)?;
-            match frame {
+                .map_err(|_| UpstreamError::Timeout(Deadline::Idle))?;
+            let data = match frame {
                 None => return Ok(collected.freeze()),
                 Some(Err(e)) => return Err(UpstreamError::Protocol(error_chain(&e))),
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        collected.extend_from_slice(&data);
-                    }
-                }
+                Some(Ok(frame)) => frame.into_data().unwrap_or_default(),
+            };
+            if let Some(limit) = limit.filter(|limit| collected.len() + data.len() > *limit) {
+                return Err(UpstreamError::TooLarge { limit });
             }
+            collected.extend_from_slice(&data);
         }
     }
 
@@ -274,11 +347,20 @@ impl Upstream {
         credentials: &Credentials,
         etag: Option<&str>,
     ) -> Result<Option<Listing>, UpstreamError> {
+        counted("listing", self.read_listing(collection, credentials, etag).await)
+    }
+
+    async fn read_listing(
+        &self,
+        collection: &Collection,
+        credentials: &Credentials,
+        etag: Option<&str>,
+    ) -> Result<Option<Listing>, UpstreamError> {
         let mut extra = HeaderMap::new();
         if let Some(value) = etag.and_then(|e| HeaderValue::from_str(e).ok()) {
             extra.insert(http::header::IF_NONE_MATCH, value);
         }
-        let answer = self.get(&collection.listing_path(), credentials, extra).await?;
+        let answer = self.get("listing", &collection.listing_path(), credentials, extra).await?;
         if answer.head.status == StatusCode::NOT_MODIFIED {
             return Ok(None);
         }
@@ -289,7 +371,7 @@ impl Upstream {
         let is_json = header_text(&answer.head.headers, "content-type")
             .is_some_and(|t| t.starts_with("application/json"));
         let etag = header_text(&answer.head.headers, "etag");
-        let body = self.read_body(answer.body).await?;
+        let body = self.read_body(answer.body, None).await?;
         let entries = parse_listing(&body, is_json)?;
         Ok(Some(Listing { version, entries, etag }))
     }
@@ -314,13 +396,27 @@ impl Upstream {
         id: &str,
         credentials: &Credentials,
     ) -> Result<Option<Record>, UpstreamError> {
-        let answer = self.get(&collection.record_path(id), credentials, HeaderMap::new()).await?;
+        counted("record", self.read_record(collection, id, credentials).await)
+    }
+
+    async fn read_record(
+        &self,
+        collection: &Collection,
+        id: &str,
+        credentials: &Credentials,
+    ) -> Result<Option<Record>, UpstreamError> {
+        let answer = self.get("record", &collection.record_path(id), credentials, HeaderMap::new()).await?;
         if answer.head.status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
         let answer = check_status(answer)?;
+        let limit = self.max_record_bytes;
+        // A declared length over the limit fails before any of the body is read.
+        if content_length(&answer.head.headers).is_some_and(|length| length > limit as u64) {
+            return Err(UpstreamError::TooLarge { limit });
+        }
         let version = header_text(&answer.head.headers, "x-version");
-        let value = self.read_body(answer.body).await?;
+        let value = self.read_body(answer.body, Some(limit)).await?;
         Ok(Some(Record { value, version }))
     }
 
@@ -331,9 +427,17 @@ impl Upstream {
         hex: &str,
         credentials: &Credentials,
     ) -> Result<Option<AttachmentBody>, UpstreamError> {
+        counted("attachment", self.open_attachment(hex, credentials).await)
+    }
+
+    async fn open_attachment(
+        &self,
+        hex: &str,
+        credentials: &Credentials,
+    ) -> Result<Option<AttachmentBody>, UpstreamError> {
         let mut extra = HeaderMap::new();
         extra.insert(http::header::ACCEPT, HeaderValue::from_static("*/*"));
-        let answer = self.get(&format!("/attachments/{hex}"), credentials, extra).await?;
+        let answer = self.get("attachment", &format!("/attachments/{hex}"), credentials, extra).await?;
         if answer.head.status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -355,10 +459,14 @@ pub struct AttachmentBody {
 impl AttachmentBody {
     /// The next piece of the body, `None` at its end; at most the idle timeout passes between pieces.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        counted("attachment", self.next_data().await)
+    }
+
+    async fn next_data(&mut self) -> Result<Option<Bytes>, UpstreamError> {
         loop {
             let frame = tokio::time::timeout(self.idle_timeout, self.body.frame())
                 .await
-                .map_err(|_| UpstreamError::Timeout)?;
+                .map_err(|_| UpstreamError::Timeout(Deadline::Idle))?;
             match frame {
                 None => return Ok(None),
                 Some(Err(e)) => return Err(UpstreamError::Protocol(error_chain(&e))),
@@ -378,6 +486,21 @@ fn clone_request(request: &http::Request<Empty<Bytes>>) -> http::Request<Empty<B
     *copy.uri_mut() = request.uri().clone();
     *copy.headers_mut() = request.headers().clone();
     copy
+}
+
+/// Counts a failed request in `upstream_errors_total`; refusals (401, 403, 404) are the
+/// client's business, not a fault of the dataset server.
+fn counted<T>(request: &'static str, result: Result<T, UpstreamError>) -> Result<T, UpstreamError> {
+    if let Err(e) = &result {
+        if !e.is_refusal() {
+            metrics::get().upstream_errors.with_label_values(&[request, e.metric_kind()]).inc();
+        }
+    }
+    result
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(http::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 fn check_status(answer: Answer) -> Result<Answer, UpstreamError> {
@@ -624,6 +747,63 @@ mod connection_tests {
         }
     }
 
+    /// A server that answers every request on its connection with `answer`, then keeps the
+    /// connection open (`None`: reads the request and never answers).
+    async fn scripted_server(answer: Option<&'static [u8]>) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    while read_head(&mut socket).await {
+                        if let Some(answer) = answer {
+                            let _ = socket.write_all(answer).await;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    async fn fetch_record(
+        addr: std::net::SocketAddr,
+        config: UpstreamConfig,
+    ) -> Result<Option<Bytes>, UpstreamError> {
+        let config = UpstreamConfig { url: format!("http://{addr}"), ..config };
+        let upstream = Upstream::new(&config).expect("client");
+        let collection = Collection { realm: Realm::Datasets, user: "u".into(), name: "n".into() };
+        upstream.record(&collection, "r", &Credentials::default()).await.map(|r| r.map(|r| r.value))
+    }
+
+    #[tokio::test]
+    async fn records_over_the_limit_fail_whether_declared_or_streamed() {
+        let declared = scripted_server(Some(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n123456789")).await;
+        let streamed = scripted_server(Some(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n12345\r\n4\r\n6789\r\n0\r\n\r\n",
+        ))
+        .await;
+        for addr in [declared, streamed] {
+            let small = UpstreamConfig { max_record_bytes: 8, ..UpstreamConfig::default() };
+            let result = fetch_record(addr, small).await;
+            assert!(matches!(result, Err(UpstreamError::TooLarge { limit: 8 })), "{result:?}");
+            let exact = UpstreamConfig { max_record_bytes: 9, ..UpstreamConfig::default() };
+            let value = fetch_record(addr, exact).await.expect("at the limit is allowed");
+            assert_eq!(value.as_deref(), Some(&b"123456789"[..]));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_times_out_on_the_first_byte() {
+        let silent = scripted_server(None).await;
+        let config = UpstreamConfig { first_byte_timeout_ms: 200, ..UpstreamConfig::default() };
+        let started = std::time::Instant::now();
+        let result = fetch_record(silent, config).await;
+        assert!(matches!(result, Err(UpstreamError::Timeout(Deadline::FirstByte))), "{result:?}");
+        let waited = started.elapsed();
+        assert!(waited < Duration::from_secs(2), "the idle timeout (30 s) was not the one used: {waited:?}");
+    }
+
     #[test]
     fn only_server_errors_are_retried_per_record() {
         let status = |code| UpstreamError::Status {
@@ -632,6 +812,7 @@ mod connection_tests {
         };
         assert!(status(503).is_transient());
         assert!(!status(404).is_transient());
-        assert!(!UpstreamError::Timeout.is_transient(), "a retried timeout would double the configured wait");
+        let timeout = UpstreamError::Timeout(Deadline::FirstByte);
+        assert!(!timeout.is_transient(), "a retried timeout would double the configured wait");
     }
 }

@@ -7,6 +7,7 @@ pub mod chunks;
 pub mod encoder;
 pub mod etag;
 pub mod events;
+pub mod limit;
 pub mod plan;
 pub mod records;
 pub mod response;
@@ -25,6 +26,7 @@ use crate::upstream::{Credentials, Listing, Upstream};
 use body::ContentCoding;
 use chunks::BodyEvent;
 use etag::ExportTag;
+use limit::{ExportSlot, ExportSlots};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use records::RecordExport;
@@ -81,6 +83,8 @@ pub struct Exporter {
     /// Record fetches in flight per export.
     pub concurrency: usize,
     pub cache: RecordCache,
+    /// Record and zip exports running at once; event streams are capped by the hub instead.
+    pub slots: ExportSlots,
 }
 
 /// Aborts a pipeline task when the request handling that started it ends, however it ends,
@@ -130,6 +134,9 @@ impl Exporter {
         if let Some(error) = needs_chunked_framing(session) {
             return reject(session, log, &error).await;
         }
+        let Some(_slot) = self.take_slot(session, log).await? else {
+            return Ok(());
+        };
         let credentials = Credentials::from_headers(&session.req_header().headers);
         let Some(listing) = self.listing(session, log, &collection, &credentials).await? else {
             return Ok(());
@@ -196,6 +203,23 @@ fn needs_chunked_framing(session: &Session) -> Option<ApiError> {
 }
 
 impl Exporter {
+    /// A slot for one more record or zip export, or `None` when the client has been told to
+    /// come back later.
+    async fn take_slot(
+        &self,
+        session: &mut Session,
+        log: &mut ExportLog,
+    ) -> pingora::Result<Option<ExportSlot>> {
+        match self.slots.try_take() {
+            Ok(slot) => Ok(Some(slot)),
+            Err(error) => {
+                reject(session, log, &error).await?;
+                log.outcome = "too_busy";
+                Ok(None)
+            }
+        }
+    }
+
     /// What a pipeline needs to write `items` of `collection` for this request.
     fn source(
         &self,

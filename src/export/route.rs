@@ -79,6 +79,19 @@ pub fn is_export_path(path: &str) -> bool {
     path.starts_with(PREFIX) || path == "/export"
 }
 
+/// The `route` label of the request metrics, from the path alone, so requests that fail to
+/// parse are counted under the API they were meant for.
+pub fn label(path: &str) -> &'static str {
+    if !is_export_path(path) {
+        return "passthrough";
+    }
+    match path.rsplit('/').next() {
+        Some("zip") => "export-zip",
+        Some("event-stream") => "export-events",
+        _ => "export-records",
+    }
+}
+
 /// Parses the path (still percent-encoded) and the raw query string.
 pub fn parse(path: &str, query: Option<&str>) -> Result<ExportRequest, ApiError> {
     if path.len() > MAX_PATH {
@@ -242,6 +255,15 @@ mod tests {
 
     fn records(path: &str, query: &str) -> Result<ExportRequest, ApiError> {
         parse(path, Some(query))
+    }
+
+    #[test]
+    fn metric_routes_come_from_the_path_alone() {
+        assert_eq!(label("/export/datasets/a:b"), "export-records");
+        assert_eq!(label("/export/nowhere/a:b/zip"), "export-zip");
+        assert_eq!(label("/export/lenses/a:b/event-stream"), "export-events");
+        assert_eq!(label("/export"), "export-records");
+        assert_eq!(label("/datasets/a:b/records/zip"), "passthrough");
     }
 
     #[test]

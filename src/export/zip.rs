@@ -61,6 +61,9 @@ impl Exporter {
         if let Some(error) = needs_chunked_framing(session) {
             return reject(session, log, &error).await;
         }
+        let Some(_slot) = self.take_slot(session, log).await? else {
+            return Ok(());
+        };
         let credentials = Credentials::from_headers(&session.req_header().headers);
         let Some(listing) = self.listing(session, log, &collection, &credentials).await? else {
             return Ok(());

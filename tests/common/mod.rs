@@ -26,7 +26,7 @@ impl Drop for Sidecar {
 }
 
 impl Sidecar {
-    /// Starts the binary against `upstream` and waits until `/readyz` answers 200.
+    /// Starts the binary against `upstream` and waits until its public listener accepts.
     pub async fn start(upstream: &str) -> Sidecar {
         Sidecar::start_with(upstream, &[]).await
     }
@@ -62,39 +62,57 @@ impl Sidecar {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let journal = ports.journal.map_or_else(|| dir.path().join("journal.sqlite"), Path::to_path_buf);
         let (public, internal) = (free_port(), ports.internal.unwrap_or_else(free_port));
-        let log_path = dir.path().join("sidecar.log");
-        let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
-        let child = Command::new(env!("CARGO_BIN_EXE_export-sidecar"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_export-sidecar"));
+        command
             .args(["run", "--upstream", upstream])
             .args(["--listen", &public.to_string()])
             .args(["--internal-listen", &internal.to_string()])
             .arg("--journal")
             .arg(&journal)
-            .args(extra)
+            .args(extra);
+        Sidecar::spawn(command, dir, public, internal).await
+    }
+
+    /// Runs `command` (an `export-sidecar run` the caller set up completely, e.g. from the
+    /// environment) expecting it to listen on `public` and `internal`; logs go to `dir`.
+    pub async fn spawn(
+        mut command: Command,
+        dir: tempfile::TempDir,
+        public: SocketAddr,
+        internal: SocketAddr,
+    ) -> Result<Sidecar, String> {
+        let log_path = dir.path().join("sidecar.log");
+        let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
+        let child = command
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .map_err(|e| e.to_string())?;
         let mut sidecar = Sidecar { child, public, internal, log_path, _dir: dir };
-        sidecar.wait_ready().await?;
+        sidecar.wait_listening().await?;
         Ok(sidecar)
     }
 
-    async fn wait_ready(&mut self) -> Result<(), String> {
+    /// Waits until `/readyz` reports the public listener accepting. The other checks may
+    /// fail on purpose (a test's upstream can be down), so the status is not required to be 200.
+    async fn wait_listening(&mut self) -> Result<(), String> {
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!("exited with {status}: {}", self.log()));
             }
-            let ready = client.get(format!("http://{}/readyz", self.internal)).send().await;
-            if ready.is_ok_and(|r| r.status() == 200) {
-                return Ok(());
+            if let Ok(report) = client.get(format!("http://{}/readyz", self.internal)).send().await {
+                let text = report.text().await.unwrap_or_default();
+                let report: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                if report["checks"]["listener"] == "ok" {
+                    return Ok(());
+                }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Err(format!("not ready after 30 s: {}", self.log()))
+        Err(format!("not listening after 30 s: {}", self.log()))
     }
 
     /// The sidecar's process id, to read its memory use from `/proc/<pid>/status`.
