@@ -1,27 +1,47 @@
-//! The record cache: U2 values by (collection, recordID, record version), bounded by bytes.
-//! A version's value never changes, so entries are only ever evicted, never invalidated.
+//! The record cache: checked record values by (collection, recordID, record version), with their
+//! compact JSON once converted, bounded by bytes. A version never changes, so entries only age out.
 
 use crate::collection::Collection;
 use crate::metrics;
-use crate::upstream::{Credentials, ListingEntry, Upstream, UpstreamError};
+use crate::upstream::ListingEntry;
 use bytes::Bytes;
 use std::sync::Arc;
 
-/// Which value an entry holds. The collection is shared by every key of one export.
+/// Names one version of one record. The collection is shared by every key of one export.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct RecordKey {
+pub struct RecordKey {
     collection: Arc<str>,
-    id: String,
+    pub id: String,
     version: String,
+}
+
+impl RecordKey {
+    /// U2 may answer with a newer version than the listing named (the record changed in
+    /// between); the value is then kept under the version it is. A server that reports no
+    /// version is trusted to have sent the listed one or a newer one, which an export may
+    /// serve anyway (SPEC: consistency).
+    pub fn answered_as(&mut self, version: Option<String>) {
+        if let Some(version) = version {
+            self.version = version;
+        }
+    }
+}
+
+/// A cached record: U2's CBOR, already checked by an export's encoder, and its compact JSON
+/// once an export has converted it.
+#[derive(Clone, Debug)]
+pub struct CachedRecord {
+    pub cbor: Bytes,
+    pub json: Option<Bytes>,
 }
 
 /// The process's record cache; cheap to clone. A capacity of 0 turns it off.
 #[derive(Clone)]
 pub struct RecordCache {
-    entries: Option<moka::sync::Cache<RecordKey, Bytes>>,
+    entries: Option<moka::sync::Cache<RecordKey, CachedRecord>>,
 }
 
-/// What an entry costs besides its value: the key's strings and moka's bookkeeping.
+/// What an entry costs besides its values: the key's strings and moka's bookkeeping.
 const ENTRY_OVERHEAD: usize = 96;
 
 impl RecordCache {
@@ -39,60 +59,48 @@ impl RecordCache {
         RecordCache { entries }
     }
 
-    /// One record of an export whose listing the caller's own credentials just read: from the
-    /// cache when this version is there, otherwise from U2 (and then kept). `None`: deleted
-    /// since the listing.
-    ///
-    /// A U2 answer is kept under the version it reports, which may be newer than the listing's
-    /// (the record changed in between); a server that reports none is trusted to have sent the
-    /// listed version or a newer one, which an export may serve anyway (SPEC: consistency).
-    pub async fn record(
-        &self,
-        upstream: &Upstream,
-        collection: &CacheScope,
-        entry: ListingEntry,
-        credentials: &Credentials,
-    ) -> (String, Result<Option<Bytes>, UpstreamError>) {
-        // Every listed record has a version; an empty one would name no value, so it is not cached.
-        let Some(entries) = self.entries.as_ref().filter(|_| !entry.version.is_empty()) else {
-            let fetched = upstream.record(&collection.collection, &entry.id, credentials).await;
-            return (entry.id, fetched.map(|r| r.map(|r| r.value)));
+    /// The record, if this version of it is cached. Callers look up only records of a listing
+    /// the request's own credentials just read.
+    pub fn get(&self, key: &RecordKey) -> Option<CachedRecord> {
+        // Every listed record has a version; an empty one would name no value.
+        let entries = self.entries.as_ref().filter(|_| !key.version.is_empty())?;
+        let found = entries.get(key);
+        let counter = if found.is_some() { &metrics::get().cache_hits } else { &metrics::get().cache_misses };
+        counter.inc();
+        found
+    }
+
+    /// Keeps a record whose CBOR an encoder has accepted. `json` is built only when the cache
+    /// is on, since it copies the converted value out of the output buffer.
+    pub fn insert(&self, key: RecordKey, cbor: Bytes, json: impl FnOnce() -> Option<Bytes>) {
+        let Some(entries) = self.entries.as_ref().filter(|_| !key.version.is_empty()) else {
+            return;
         };
-        let mut key =
-            RecordKey { collection: Arc::clone(&collection.key), id: entry.id, version: entry.version };
-        if let Some(value) = entries.get(&key) {
-            metrics::get().cache_hits.inc();
-            return (key.id, Ok(Some(value)));
-        }
-        metrics::get().cache_misses.inc();
-        let fetched = match upstream.record(&collection.collection, &key.id, credentials).await {
-            Ok(Some(record)) => record,
-            other => return (key.id, other.map(|r| r.map(|r| r.value))),
-        };
-        if let Some(version) = fetched.version {
-            key.version = version;
-        }
-        let id = key.id.clone();
-        metrics::get().cache_bytes.add(i64::from(weight(&key, &fetched.value)));
-        entries.insert(key, fetched.value.clone());
-        (id, Ok(Some(fetched.value)))
+        let record = CachedRecord { cbor, json: json() };
+        metrics::get().cache_bytes.add(i64::from(weight(&key, &record)));
+        entries.insert(key, record);
     }
 }
 
 /// What an entry counts against the cache's capacity.
-fn weight(key: &RecordKey, value: &Bytes) -> u32 {
-    let size = ENTRY_OVERHEAD + key.collection.len() + key.id.len() + key.version.len() + value.len();
+fn weight(key: &RecordKey, record: &CachedRecord) -> u32 {
+    let values = record.cbor.len() + record.json.as_ref().map_or(0, Bytes::len);
+    let size = ENTRY_OVERHEAD + key.collection.len() + key.id.len() + key.version.len() + values;
     u32::try_from(size).unwrap_or(u32::MAX)
 }
 
 /// One collection as the cache names it, built once per export.
 pub struct CacheScope {
-    collection: Collection,
     key: Arc<str>,
 }
 
 impl CacheScope {
     pub fn new(collection: &Collection) -> CacheScope {
-        CacheScope { collection: collection.clone(), key: Arc::from(collection.to_string()) }
+        CacheScope { key: Arc::from(collection.to_string()) }
+    }
+
+    /// The key of a listed record, taking the entry's strings rather than copying them.
+    pub fn key(&self, entry: ListingEntry) -> RecordKey {
+        RecordKey { collection: Arc::clone(&self.key), id: entry.id, version: entry.version }
     }
 }

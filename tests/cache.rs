@@ -145,3 +145,19 @@ async fn cache_figures_are_on_the_metrics_endpoint() {
     assert_eq!(value("export_sidecar_cache_hits_total "), 20.0);
     assert!(value("export_sidecar_cache_bytes ") > 0.0);
 }
+
+#[tokio::test]
+async fn a_value_that_fails_its_check_is_not_kept() {
+    let stack = Stack::start().await;
+    let c = seed(&stack, "broken", 5);
+    stack.store().put_raw(&c, "r002", bytes::Bytes::from_static(&[0x82, 0x01]));
+    for encoding in ENCODINGS {
+        let path = format!("/export/datasets/u:broken?encoding={encoding}");
+        let (body, paths) = upstream_paths(&stack, async { stack.get(&path).await.bytes().await }).await;
+        assert!(body.is_err(), "{encoding}: malformed CBOR breaks the download");
+        assert!(
+            paths.contains(&"/datasets/u:broken/records/r002".to_owned()),
+            "{encoding}: fetched again: {paths:?}"
+        );
+    }
+}

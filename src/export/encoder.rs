@@ -4,6 +4,7 @@
 use super::route::Encoding;
 use crate::codec::cbor::{self, CborError};
 use crate::codec::json::{write_json_string, JsonConverter, JsonStyle};
+use std::ops::Range;
 
 /// Writes one export's records, in order, into caller-owned buffers.
 pub struct RecordEncoder {
@@ -30,15 +31,47 @@ impl RecordEncoder {
         }
     }
 
-    /// Appends one record. `value` must be exactly one well-formed CBOR item; it is checked
-    /// here, and on error `out` may hold a partial record (the export is abandoned anyway).
-    pub fn record(&mut self, id: &str, value: &[u8], out: &mut Vec<u8>) -> Result<(), CborError> {
+    /// Appends one record from U2's CBOR, checking it (and converting it for JSON). Returns where
+    /// the value's encoded form sits in `out`, so it can be kept for the next export. On error,
+    /// `out` may hold a partial record (the export is abandoned anyway).
+    pub fn record(&mut self, id: &str, cbor: &[u8], out: &mut Vec<u8>) -> Result<Range<usize>, CborError> {
+        if self.encoding == Encoding::Cbor {
+            cbor::validate(cbor)?;
+        }
+        self.frame(id, out, |json, out| match json {
+            Some(converter) => converter.convert(cbor, JsonStyle::Compact, out),
+            None => {
+                out.extend_from_slice(cbor);
+                Ok(())
+            }
+        })
+    }
+
+    /// Appends one record whose value is already in this encoding's form: checked CBOR, or
+    /// compact JSON converted by an earlier export.
+    pub fn encoded(&mut self, id: &str, value: &[u8], out: &mut Vec<u8>) {
+        let copied: Result<_, CborError> = self.frame(id, out, |_, out| {
+            out.extend_from_slice(value);
+            Ok(())
+        });
+        debug_assert!(copied.is_ok(), "copying cannot fail");
+    }
+
+    /// Writes the framing of one record around `value`, which writes the value itself (given
+    /// the JSON converter when the encoding is JSON).
+    fn frame(
+        &mut self,
+        id: &str,
+        out: &mut Vec<u8>,
+        value: impl FnOnce(Option<&mut JsonConverter>, &mut Vec<u8>) -> Result<(), CborError>,
+    ) -> Result<Range<usize>, CborError> {
+        let start;
         match self.encoding {
             Encoding::Cbor => {
-                cbor::validate(value)?;
                 out.push(0x82);
                 write_cbor_text(id, out);
-                out.extend_from_slice(value);
+                start = out.len();
+                value(None, out)?;
             }
             Encoding::Json => {
                 if self.written > 0 {
@@ -46,43 +79,30 @@ impl RecordEncoder {
                 }
                 write_json_string(id, out);
                 out.push(b':');
-                self.json.convert(value, JsonStyle::Compact, out)?;
+                start = out.len();
+                value(Some(&mut self.json), out)?;
             }
             Encoding::JsonLines => {
                 out.push(b'[');
                 write_json_string(id, out);
                 out.push(b',');
-                self.json.convert(value, JsonStyle::Compact, out)?;
-                out.extend_from_slice(b"]\n");
+                start = out.len();
+                value(Some(&mut self.json), out)?;
             }
         }
+        let end = out.len();
+        if self.encoding == Encoding::JsonLines {
+            out.extend_from_slice(b"]\n");
+        }
         self.written += 1;
-        Ok(())
+        Ok(start..end)
     }
 
     /// Appends a tombstone: the record existed at the client's version and is gone now.
     /// CBOR says so with `undefined`, JSON with `null` (the dataset server stores no nulls).
     pub fn tombstone(&mut self, id: &str, out: &mut Vec<u8>) {
-        match self.encoding {
-            Encoding::Cbor => {
-                out.push(0x82);
-                write_cbor_text(id, out);
-                out.push(0xf7);
-            }
-            Encoding::Json => {
-                if self.written > 0 {
-                    out.push(b',');
-                }
-                write_json_string(id, out);
-                out.extend_from_slice(b":null");
-            }
-            Encoding::JsonLines => {
-                out.push(b'[');
-                write_json_string(id, out);
-                out.extend_from_slice(b",null]\n");
-            }
-        }
-        self.written += 1;
+        let marker: &[u8] = if self.encoding == Encoding::Cbor { &[0xf7] } else { b"null" };
+        self.encoded(id, marker, out);
     }
 
     /// What comes after the last record.
@@ -161,6 +181,25 @@ mod tests {
             export(Encoding::JsonLines, &[("a\u{2028}", one), ("b", list)]),
             b"[\"a\\u2028\",1]\n[\"b\",[true,null]]\n"
         );
+    }
+
+    #[test]
+    fn a_kept_value_writes_the_same_record_again() {
+        let value: &[u8] = &[0xa1, 0x61, b'k', 0x82, 0x01, 0xf4];
+        for encoding in [Encoding::Cbor, Encoding::Json, Encoding::JsonLines] {
+            let mut first = RecordEncoder::new(encoding);
+            let mut converted = Vec::new();
+            first.begin(&mut converted);
+            let range = first.record("id", value, &mut converted).expect("valid");
+            let kept = converted[range].to_vec();
+            let mut second = RecordEncoder::new(encoding);
+            let mut again = Vec::new();
+            second.begin(&mut again);
+            second.encoded("id", &kept, &mut again);
+            assert_eq!(again, converted, "{encoding:?}");
+            let expected: &[u8] = if encoding == Encoding::Cbor { value } else { b"{\"k\":[1,false]}" };
+            assert_eq!(kept, expected, "{encoding:?}");
+        }
     }
 
     #[test]

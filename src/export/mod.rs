@@ -7,6 +7,7 @@ pub mod chunks;
 pub mod encoder;
 pub mod etag;
 pub mod events;
+pub mod fetch;
 pub mod limit;
 pub mod plan;
 pub mod records;

@@ -4,10 +4,11 @@
 use super::body::ContentCoding;
 use super::chunks::{spawn_pipeline, BodyEvent, ChunkWriter, ExportSource, Stop};
 use super::encoder::RecordEncoder;
+use super::fetch::{Fetched, RecordSource};
 use super::plan::ExportItem;
 use super::route::Encoding;
-use crate::cache::CacheScope;
-use crate::upstream::UpstreamError;
+use crate::cache::{CacheScope, RecordCache, RecordKey};
+use crate::collection::Collection;
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 use std::sync::atomic::Ordering;
@@ -31,52 +32,95 @@ impl RecordExport {
         let ExportSource { upstream, cache, collection, credentials, items, written, concurrency, config } =
             source;
         let scope = CacheScope::new(&collection);
+        let records = RecordSource {
+            upstream: &upstream,
+            cache: &cache,
+            scope: &scope,
+            collection: &collection,
+            credentials: &credentials,
+        };
         let mut out = ChunkWriter::new(tx, coding, &config);
-        let mut encoder = RecordEncoder::new(encoding);
-        encoder.begin(&mut out.raw);
+        let mut writer = Writer {
+            encoder: RecordEncoder::new(encoding),
+            encoding,
+            cache: &cache,
+            collection: &collection,
+        };
+        writer.encoder.begin(&mut out.raw);
 
         let fetches = stream::iter(items).map(|item| {
-            let (upstream, cache, scope, credentials) = (&upstream, &cache, &scope, &credentials);
+            let records = &records;
             async move {
                 match item {
-                    ExportItem::Record(entry) => {
-                        let (id, value) = cache.record(upstream, scope, entry, credentials).await;
-                        (id, Fetched::Value(value))
-                    }
-                    ExportItem::Tombstone(id) => (id, Fetched::Tombstone),
+                    ExportItem::Record(entry) => Item::Record(records.fetch(entry).await),
+                    ExportItem::Tombstone(id) => Item::Tombstone(id),
                 }
             }
         });
-        let mut records = fetches.buffered(concurrency);
-        while let Some((id, fetched)) = out.next_or_flush(&mut records).await? {
-            match fetched {
-                Fetched::Tombstone => encoder.tombstone(&id, &mut out.raw),
-                Fetched::Value(Ok(Some(value))) => {
-                    if let Err(e) = encoder.record(&id, &value, &mut out.raw) {
-                        tracing::warn!(collection = %collection, record = %id, error = %e, "record is not valid CBOR");
-                        let reason = format!("the stored value is not valid CBOR: {e}");
-                        return Err(Stop::failed(Some(&id), reason));
-                    }
-                }
-                // Deleted between the listing and its fetch: the listing's version predates
-                // the deletion, and the next sync reports it.
-                Fetched::Value(Ok(None)) => {}
-                Fetched::Value(Err(e)) => {
-                    tracing::warn!(collection = %collection, record = %id, error = %e, "record fetch failed");
-                    return Err(Stop::failed(Some(&id), e.to_string()));
-                }
+        let mut fetches = fetches.buffered(concurrency);
+        while let Some(item) = out.next_or_flush(&mut fetches).await? {
+            match item {
+                Item::Tombstone(id) => writer.encoder.tombstone(&id, &mut out.raw),
+                Item::Record(fetched) => writer.write(fetched, &mut out.raw)?,
             }
-            written.store(encoder.records_written(), Ordering::Relaxed);
+            written.store(writer.encoder.records_written(), Ordering::Relaxed);
             out.send_if_full().await?;
         }
-        encoder.end(&mut out.raw);
+        writer.encoder.end(&mut out.raw);
         out.finish().await?;
-        Ok(encoder.records_written())
+        Ok(writer.encoder.records_written())
     }
 }
 
 /// One export item once its fetch (if any) is done.
-enum Fetched {
-    Value(Result<Option<Bytes>, UpstreamError>),
-    Tombstone,
+enum Item {
+    Record(Fetched),
+    Tombstone(String),
+}
+
+/// Encodes records into the output, and keeps what it checked or converted in the cache.
+struct Writer<'a> {
+    encoder: RecordEncoder,
+    encoding: Encoding,
+    cache: &'a RecordCache,
+    collection: &'a Collection,
+}
+
+impl Writer<'_> {
+    fn write(&mut self, fetched: Fetched, out: &mut Vec<u8>) -> Result<(), Stop> {
+        match fetched {
+            Fetched::Cached(key, cached) => match (self.encoding, cached.json) {
+                (Encoding::Cbor, _) => self.encoder.encoded(&key.id, &cached.cbor, out),
+                (_, Some(json)) => self.encoder.encoded(&key.id, &json, out),
+                (_, None) => self.encode_and_keep(key, cached.cbor, out)?,
+            },
+            Fetched::Fetched(mut key, Ok(Some(record))) => {
+                key.answered_as(record.version);
+                self.encode_and_keep(key, record.value, out)?;
+            }
+            // Deleted between the listing and its fetch: the listing's version predates
+            // the deletion, and the next sync reports it.
+            Fetched::Fetched(_, Ok(None)) => {}
+            Fetched::Fetched(key, Err(e)) => {
+                tracing::warn!(collection = %self.collection, record = %key.id, error = %e, "record fetch failed");
+                return Err(Stop::failed(Some(&key.id), e.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks and encodes U2's CBOR, then caches it with its JSON form when one was made.
+    fn encode_and_keep(&mut self, key: RecordKey, cbor: Bytes, out: &mut Vec<u8>) -> Result<(), Stop> {
+        let range = match self.encoder.record(&key.id, &cbor, out) {
+            Ok(range) => range,
+            Err(e) => {
+                tracing::warn!(collection = %self.collection, record = %key.id, error = %e, "record is not valid CBOR");
+                let reason = format!("the stored value is not valid CBOR: {e}");
+                return Err(Stop::failed(Some(&key.id), reason));
+            }
+        };
+        let is_json = self.encoding != Encoding::Cbor;
+        self.cache.insert(key, cbor, || is_json.then(|| Bytes::copy_from_slice(&out[range])));
+        Ok(())
+    }
 }

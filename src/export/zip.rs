@@ -4,6 +4,7 @@
 use super::attachments::{find_links, AttachmentSource, Fetched, Missing, Prefetcher, Spool};
 use super::body::ContentCoding;
 use super::chunks::{spawn_pipeline, BodyEvent, ChunkWriter, ExportSource, Stop};
+use super::fetch::{self, RecordSource};
 use super::plan::{self, ExportItem};
 use super::response::streaming_head;
 use super::zipfile::{EntryMeta, Method, ZipError, ZipWriter};
@@ -176,20 +177,28 @@ impl ZipExport {
             ExportItem::Record(entry) => Some(entry),
             ExportItem::Tombstone(_) => None,
         });
-        let fetches = stream::iter(listed).map(|entry| {
-            let (upstream, cache, scope, credentials) = (&upstream, &cache, &scope, &credentials);
-            cache.record(upstream, scope, entry, credentials)
-        });
-        let mut fetches = fetches.buffered(concurrency);
+        let source = RecordSource {
+            upstream: &upstream,
+            cache: &cache,
+            scope: &scope,
+            collection: &collection,
+            credentials: &credentials,
+        };
+        let mut fetches = stream::iter(listed).map(|entry| source.fetch(entry)).buffered(concurrency);
         let mut records = 0;
-        while let Some((id, value)) = out.chunks.next_or_flush(&mut fetches).await? {
-            match value {
-                Ok(Some(value)) => entries.write(&mut out, &id, &value)?,
+        while let Some(fetched) = out.chunks.next_or_flush(&mut fetches).await? {
+            match fetched {
+                fetch::Fetched::Cached(key, cached) => entries.write(&mut out, &key.id, &cached.cbor)?,
+                fetch::Fetched::Fetched(mut key, Ok(Some(record))) => {
+                    entries.write(&mut out, &key.id, &record.value)?;
+                    key.answered_as(record.version);
+                    cache.insert(key, record.value, || None);
+                }
                 // Deleted between the listing and its fetch: left out, as in record exports.
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(collection = %collection, record = %id, error = %e, "record fetch failed");
-                    return Err(Stop::failed(Some(&id), e.to_string()));
+                fetch::Fetched::Fetched(_, Ok(None)) => continue,
+                fetch::Fetched::Fetched(key, Err(e)) => {
+                    tracing::warn!(collection = %collection, record = %key.id, error = %e, "record fetch failed");
+                    return Err(Stop::failed(Some(&key.id), e.to_string()));
                 }
             }
             records += 1;
