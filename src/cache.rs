@@ -38,8 +38,22 @@ pub struct CachedRecord {
 /// The process's record cache; cheap to clone. A capacity of 0 turns it off.
 #[derive(Clone)]
 pub struct RecordCache {
-    entries: Option<moka::sync::Cache<RecordKey, CachedRecord>>,
+    entries: Option<Arc<quick_cache::sync::Cache<RecordKey, CachedRecord, Weight>>>,
 }
+
+/// Charges each entry what it holds, so the capacity is in bytes.
+#[derive(Clone)]
+struct Weight;
+
+impl quick_cache::Weighter<RecordKey, CachedRecord> for Weight {
+    fn weight(&self, key: &RecordKey, record: &CachedRecord) -> u64 {
+        let values = record.cbor.len() + record.json.as_ref().map_or(0, Bytes::len);
+        (ENTRY_OVERHEAD + key.collection.len() + key.id.len() + key.version.len() + values) as u64
+    }
+}
+
+/// Entries are sized for this many bytes each when the table is first laid out.
+const TYPICAL_ENTRY: u64 = 2048;
 
 /// What an entry costs besides its values: the key's strings and moka's bookkeeping.
 const ENTRY_OVERHEAD: usize = 96;
@@ -47,14 +61,8 @@ const ENTRY_OVERHEAD: usize = 96;
 impl RecordCache {
     pub fn new(max_bytes: u64) -> RecordCache {
         let entries = (max_bytes > 0).then(|| {
-            moka::sync::Cache::builder()
-                .max_capacity(max_bytes)
-                .weigher(weight)
-                // moka settles its own size lazily; this gauge follows every insert at once.
-                .eviction_listener(|key, value, _| {
-                    metrics::get().cache_bytes.sub(i64::from(weight(&key, &value)));
-                })
-                .build()
+            let items = usize::try_from(max_bytes / TYPICAL_ENTRY).unwrap_or(usize::MAX).max(64);
+            Arc::new(quick_cache::sync::Cache::with_weighter(items, max_bytes, Weight))
         });
         RecordCache { entries }
     }
@@ -76,17 +84,9 @@ impl RecordCache {
         let Some(entries) = self.entries.as_ref().filter(|_| !key.version.is_empty()) else {
             return;
         };
-        let record = CachedRecord { cbor, json: json() };
-        metrics::get().cache_bytes.add(i64::from(weight(&key, &record)));
-        entries.insert(key, record);
+        entries.insert(key, CachedRecord { cbor, json: json() });
+        metrics::get().cache_bytes.set(i64::try_from(entries.weight()).unwrap_or(i64::MAX));
     }
-}
-
-/// What an entry counts against the cache's capacity.
-fn weight(key: &RecordKey, record: &CachedRecord) -> u32 {
-    let values = record.cbor.len() + record.json.as_ref().map_or(0, Bytes::len);
-    let size = ENTRY_OVERHEAD + key.collection.len() + key.id.len() + key.version.len() + values;
-    u32::try_from(size).unwrap_or(u32::MAX)
 }
 
 /// One collection as the cache names it, built once per export.

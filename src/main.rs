@@ -90,6 +90,11 @@ struct ReferenceArgs {
     webhook_secret: Option<String>,
 }
 
+/// Many small buffers live and die per record fetched; mimalloc handles that pattern with far
+/// fewer instructions than the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {

@@ -275,18 +275,20 @@ impl Upstream {
         let uri: http::Uri = format!("{}{}", self.base, path)
             .parse()
             .map_err(|e| UpstreamError::Protocol(format!("cannot build the URL of {path}: {e}")))?;
-        let mut request = http::Request::get(uri)
-            .header(http::header::ACCEPT, CBOR)
-            .body(Empty::new())
-            .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
-        request.headers_mut().extend(extra);
-        credentials.apply(request.headers_mut());
+        let build = || {
+            let mut request = http::Request::new(Empty::new());
+            *request.uri_mut() = uri.clone();
+            let headers = request.headers_mut();
+            headers.insert(http::header::ACCEPT, HeaderValue::from_static(CBOR));
+            headers.extend(extra.iter().map(|(name, value)| (name.clone(), value.clone())));
+            credentials.apply(headers);
+            request
+        };
+        let started = Instant::now();
         // A connection that breaks before any answer is tried once more: after the dataset
         // server restarts, the pool's first connections are stale.
-        let retry = clone_request(&request);
-        let started = Instant::now();
-        let response = match self.send(request).await {
-            Err(UpstreamError::Connect(_)) => self.send(retry).await?,
+        let response = match self.send(build()).await {
+            Err(UpstreamError::Connect(_)) => self.send(build()).await?,
             other => other?,
         };
         metrics::get()
@@ -312,6 +314,8 @@ impl Upstream {
     /// Reads a whole body, allowing at most the idle timeout between frames and at most
     /// `limit` bytes in all (a listing has no limit: its size is the collection's).
     async fn read_body(&self, mut body: Incoming, limit: Option<usize>) -> Result<Bytes, UpstreamError> {
+        // Copied into an allocation of its own: a frame shares hyper's read buffer, which a
+        // cached value would otherwise keep alive.
         let mut collected = BytesMut::new();
         loop {
             let frame = tokio::time::timeout(self.idle_timeout, body.frame())
@@ -481,13 +485,6 @@ impl AttachmentBody {
 }
 
 /// A bodiless GET can be sent again as it was.
-fn clone_request(request: &http::Request<Empty<Bytes>>) -> http::Request<Empty<Bytes>> {
-    let mut copy = http::Request::new(Empty::new());
-    *copy.uri_mut() = request.uri().clone();
-    *copy.headers_mut() = request.headers().clone();
-    copy
-}
-
 /// Counts a failed request in `upstream_errors_total`; refusals (401, 403, 404) are the
 /// client's business, not a fault of the dataset server.
 fn counted<T>(request: &'static str, result: Result<T, UpstreamError>) -> Result<T, UpstreamError> {

@@ -34,12 +34,28 @@ pub struct ExportArgs {
     /// Concurrent keep-alive connections of the pass-through load.
     #[arg(long, default_value_t = 32)]
     connections: usize,
+    /// The record cache's size for the cold and warm exports: by default room for the whole
+    /// collection in both its CBOR and JSON forms, which is what "warm" means.
+    #[arg(long, default_value_t = 1 << 30)]
+    cache_bytes: u64,
+    /// Measurements to leave out: any of conversion, zip, passthrough, rss.
+    #[arg(long, value_delimiter = ',')]
+    skip: Vec<Part>,
     /// Records in the collection whose json-lines export's peak RSS is measured; 0 skips it.
     #[arg(long, default_value_t = 1_000_000)]
     rss_records: usize,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench-exports.json")]
     json: PathBuf,
+}
+
+/// The measurements after the export table, each of which can be skipped.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    Conversion,
+    Zip,
+    Passthrough,
+    Rss,
 }
 
 const ENCODINGS: [&str; 3] = ["cbor", "json", "json-lines"];
@@ -88,33 +104,59 @@ pub async fn exports(args: ExportArgs) -> Result<(), String> {
     let client =
         reqwest::Client::builder().pool_max_idle_per_host(1024).build().map_err(|e| e.to_string())?;
     println!(
-        "{} records of ~{} bytes, {concurrency} fetches in flight, median of {} runs",
-        args.records, args.record_bytes, args.repeat
+        "{} records of ~{} bytes, {concurrency} fetches in flight, record cache of {} MB, median of {} runs",
+        args.records,
+        args.record_bytes,
+        args.cache_bytes / 1_000_000,
+        args.repeat
     );
 
-    let direct = repeat(args.repeat, || direct_fetch(&client, &reference, &data, concurrency)).await?;
-    let (cold, warm) = cold_and_warm(&args, &client, &reference, &journal).await?;
-    let conversion = conversion(&reference, &data);
-    let zip = zip(&args, &client, &reference, &journal).await?;
-    let passthrough = passthrough(&args, &reference, &data, &journal).await?;
-    let rss = peak_rss(&args, &client, &reference, dir.path()).await?;
+    let (direct, runs) = cold_and_warm(&args, &client, &reference, &journal).await?;
+    let wanted = |part: Part| !args.skip.contains(&part);
+    let conversion = wanted(Part::Conversion).then(|| conversion(&reference, &data));
+    let zip = match wanted(Part::Zip) {
+        true => Some(zip(&args, &client, &reference, &journal).await?),
+        false => None,
+    };
+    let passthrough = match wanted(Part::Passthrough) {
+        true => Some(passthrough(&args, &reference, &data, &journal).await?),
+        false => None,
+    };
+    let rss = match wanted(Part::Rss) && args.rss_records > 0 {
+        true => Some(peak_rss(&args, &client, &reference, dir.path()).await?),
+        false => None,
+    };
 
     let results = json!({
         "records": args.records, "record_bytes": args.record_bytes, "concurrency": concurrency,
         "direct": direct.json(),
-        "cold": ENCODINGS.iter().zip(&cold).map(|(e, t)| (e.to_string(), t.json())).collect::<serde_json::Map<_, _>>(),
-        "warm": ENCODINGS.iter().zip(&warm).map(|(e, t)| (e.to_string(), t.json())).collect::<serde_json::Map<_, _>>(),
-        "conversion": conversion.1,
-        "zip": zip.json(),
-        "passthrough": passthrough.1,
-        "peak_rss": rss.1,
+        "encodings": ENCODINGS.iter().zip(&runs).map(|(e, run)| {
+            let figures = json!({
+                "cold": run.cold.json(), "warm": run.warm.json(),
+                "cold_to_direct": run.cold_to_direct, "warm_to_cold": run.warm_to_cold,
+            });
+            (e.to_string(), figures)
+        }).collect::<serde_json::Map<_, _>>(),
+        "cache_bytes": args.cache_bytes,
+        "conversion": conversion.as_ref().map(|c| &c.1),
+        "zip": zip.map(|z| z.json()),
+        "passthrough": passthrough.as_ref().map(|p| &p.1),
+        "peak_rss": rss.as_ref().map(|r| &r.1),
     });
-    export_table(direct, &cold, &warm)
+    export_table(direct, &runs)
         .print("Exports (records/s and output MB/s; ratios: cold to direct, warm to cold)");
-    conversion.0.print("CBOR → JSON conversion of the same records, in memory");
-    zip_table(zip).print("Zip with attachments");
-    passthrough.0.print("Pass-through: GET of one small record");
-    rss.0.print("Peak RSS of the sidecar during a json-lines export (record cache off)");
+    if let Some((table, _)) = conversion {
+        table.print("CBOR → JSON conversion of the same records, in memory");
+    }
+    if let Some(zip) = zip {
+        zip_table(zip).print("Zip with attachments");
+    }
+    if let Some((table, _)) = passthrough {
+        table.print("Pass-through: GET of one small record");
+    }
+    if let Some((table, _)) = rss {
+        table.print("Peak RSS of the sidecar during a json-lines export (record cache off)");
+    }
     write_json(&args.json, &results)
 }
 
@@ -182,47 +224,72 @@ async fn export(client: &reqwest::Client, url: &str, records: usize) -> Result<T
     Ok(Transfer { records, bytes, seconds: started.elapsed().as_secs_f64() })
 }
 
-/// Per encoding: a cold export from a freshly started sidecar (empty record cache; the journal
-/// already knows the version, as it does for every export after a collection's first), then a
-/// warm one from the same process.
+/// One encoding's figures: medians of its runs, and medians of the per-run ratios (each cold
+/// export against a direct fetch made just before it, each warm one against its cold one), so
+/// load from elsewhere on the machine moves both sides of a ratio alike.
+struct EncodingRuns {
+    cold: Transfer,
+    warm: Transfer,
+    cold_to_direct: f64,
+    warm_to_cold: f64,
+}
+
+/// Per encoding and run: a direct fetch, a cold export from a freshly started sidecar (empty
+/// record cache; the journal already knows the version, as it does for every export after a
+/// collection's first), then a warm one from the same process.
 async fn cold_and_warm(
     args: &ExportArgs,
     client: &reqwest::Client,
     reference: &ReferenceServer,
     journal: &Path,
-) -> Result<(Vec<Transfer>, Vec<Transfer>), String> {
+) -> Result<(Transfer, Vec<EncodingRuns>), String> {
+    let data = CollectionId::new("datasets", "bench", "data");
+    let concurrency = export_sidecar::config::Config::default().upstream.concurrency;
+    let config = journal.with_file_name("cache.toml");
+    std::fs::write(&config, format!("[cache]\nmax_bytes = {}\n", args.cache_bytes))
+        .map_err(|e| e.to_string())?;
+    let with_cache = ["--config".to_owned(), config.display().to_string()];
     {
         let primer = SidecarProcess::start(&reference.url(), journal, &[]).await?;
         export(client, &primer.url("/export/datasets/bench:data?encoding=cbor"), args.records).await?;
     }
-    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    let (mut directs, mut encodings) = (Vec::new(), Vec::new());
     for encoding in ENCODINGS {
         let path = format!("/export/datasets/bench:data?encoding={encoding}");
-        let (mut colds, mut warms) = (Vec::new(), Vec::new());
+        let (mut colds, mut warms, mut to_direct, mut to_cold) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..args.repeat.max(1) {
-            let sidecar = SidecarProcess::start(&reference.url(), journal, &[]).await?;
-            colds.push(export(client, &sidecar.url(&path), args.records).await?);
-            warms.push(export(client, &sidecar.url(&path), args.records).await?);
+            let direct = direct_fetch(client, reference, &data, concurrency).await?;
+            let sidecar = SidecarProcess::start(&reference.url(), journal, &with_cache).await?;
+            let cold = export(client, &sidecar.url(&path), args.records).await?;
+            let warm = export(client, &sidecar.url(&path), args.records).await?;
+            to_direct.push(direct.seconds / cold.seconds);
+            to_cold.push(cold.seconds / warm.seconds);
+            directs.push(direct);
+            colds.push(cold);
+            warms.push(warm);
         }
-        cold.push(Transfer::median(&colds));
-        warm.push(Transfer::median(&warms));
+        encodings.push(EncodingRuns {
+            cold: Transfer::median(&colds),
+            warm: Transfer::median(&warms),
+            cold_to_direct: median(to_direct),
+            warm_to_cold: median(to_cold),
+        });
     }
-    Ok((cold, warm))
+    Ok((Transfer::median(&directs), encodings))
 }
 
-fn export_table(direct: Transfer, cold: &[Transfer], warm: &[Transfer]) -> Table {
+fn export_table(direct: Transfer, runs: &[EncodingRuns]) -> Table {
     let row = |name: String, t: Transfer, ratio: Option<f64>, target: &str| {
         let rate = cell(Some(t.records_per_second()), 0);
         vec![name, rate, cell(Some(t.megabytes_per_second()), 1), cell(ratio, 2), target.to_owned()]
     };
     let mut rows = vec![row("direct (listing + U2 each)".into(), direct, Some(1.0), "")];
-    for (i, encoding) in ENCODINGS.iter().enumerate() {
-        let ratio = cold[i].seconds.recip() / direct.seconds.recip();
-        rows.push(row(format!("cold {encoding}"), cold[i], Some(ratio), "≥ 0.90"));
+    for (encoding, run) in ENCODINGS.iter().zip(runs) {
+        rows.push(row(format!("cold {encoding}"), run.cold, Some(run.cold_to_direct), "≥ 0.90"));
     }
-    for (i, encoding) in ENCODINGS.iter().enumerate() {
-        let ratio = cold[i].seconds / warm[i].seconds;
-        rows.push(row(format!("warm {encoding}"), warm[i], Some(ratio), "≥ 10"));
+    for (encoding, run) in ENCODINGS.iter().zip(runs) {
+        rows.push(row(format!("warm {encoding}"), run.warm, Some(run.warm_to_cold), "≥ 10"));
     }
     Table { header: vec!["run", "records/s", "MB/s", "ratio", "target"], rows }
 }
@@ -401,10 +468,6 @@ async fn peak_rss(
     reference: &ReferenceServer,
     dir: &Path,
 ) -> Result<(Table, serde_json::Value), String> {
-    if args.rss_records == 0 {
-        let table = Table { header: vec!["skipped (--rss-records 0)"], rows: Vec::new() };
-        return Ok((table, serde_json::Value::Null));
-    }
     let big = CollectionId::new("datasets", "bench", "big");
     seed(reference, &big, args.rss_records, args.record_bytes);
     let listing_url = format!("{}/datasets/bench:big/records/", reference.url());
