@@ -1,5 +1,5 @@
-//! Injected U2 failures (a test hook): a record can answer with an error status, slowly, or with
-//! a body that stops or breaks half-way, so tests see how the sidecar copes with a bad upstream.
+//! Injected U1/U2 failures (a test hook): a listing or record can answer with an error status,
+//! slowly, with other bytes, or with a body that stops or breaks half-way.
 
 use std::io;
 use std::time::Duration;
@@ -10,7 +10,8 @@ use futures::stream::{self, StreamExt};
 
 use super::StopSignal;
 
-/// How one record's U2 misbehaves; set with [`Store::set_fault`](super::Store::set_fault).
+/// How one record's U2 misbehaves, set with [`Store::set_fault`](super::Store::set_fault), or a
+/// collection's U1, set with [`Store::set_listing_fault`](super::Store::set_listing_fault).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RecordFault {
     /// Answer with this status and a small JSON error body instead of the record.
@@ -21,6 +22,9 @@ pub enum RecordFault {
     HangAfterHead,
     /// Send the head and the first half of the value, then drop the connection.
     ResetMidBody,
+    /// Answer 200 with these bytes as the CBOR body instead: a listing that is not a map, or a
+    /// value that is not CBOR, without storing anything.
+    Body(Bytes),
 }
 
 /// The pause before a reset, so the half body really leaves before the connection drops.
@@ -45,6 +49,6 @@ pub(super) fn broken_body(fault: &RecordFault, value: Bytes, stop: StopSignal) -
             });
             Some(Body::from_stream(head.chain(reset)))
         }
-        RecordFault::Status(_) | RecordFault::Delay(_) => None,
+        RecordFault::Status(_) | RecordFault::Delay(_) | RecordFault::Body(_) => None,
     }
 }

@@ -95,7 +95,10 @@ async fn collection_route(
                 if let Some(delay) = app.store.listing_delay(c) {
                     wait_unless_stopping(delay, &app.stop).await?;
                 }
-                listing(&app.store, c, &parts.headers)
+                match app.store.listing_fault(c) {
+                    Some(fault) => faulty_listing(app, c, fault).await,
+                    None => listing(&app.store, c, &parts.headers),
+                }
             }
             Method::POST => write_map(&app.store, c, parts, body, false).await,
             Method::PUT => write_map(&app.store, c, parts, body, true).await,
@@ -127,9 +130,34 @@ fn listing(store: &Store, c: &CollectionId, headers: &HeaderMap) -> Result<Respo
     if etag_matches(headers, &etag) {
         return Ok((StatusCode::NOT_MODIFIED, head).into_response());
     }
+    Ok((head, negotiated(headers, listing_value(records))).into_response())
+}
+
+/// The listing body: recordID → `{"version": n}`.
+fn listing_value(records: Vec<(String, u64)>) -> Value {
     let version_of = |v: u64| Value::Map(vec![(Value::Text("version".into()), v.into())]);
-    let entries = records.into_iter().map(|(id, v)| (Value::Text(id), version_of(v)));
-    Ok((head, negotiated(headers, Value::Map(entries.collect()))).into_response())
+    Value::Map(records.into_iter().map(|(id, v)| (Value::Text(id), version_of(v))).collect())
+}
+
+/// U1 as an injected fault makes it: an error status, other bytes, or a CBOR listing that
+/// stops or breaks half-way (always CBOR, so the broken half is the listing's own bytes).
+async fn faulty_listing(app: &App, c: &CollectionId, fault: RecordFault) -> Result<Response, RouteError> {
+    let (version, records) = app.store.listing(c).ok_or_else(|| no_collection(c))?;
+    let bytes = match &fault {
+        RecordFault::Status(code) => return Ok(injected_status(*code)),
+        RecordFault::Delay(delay) => {
+            wait_unless_stopping(*delay, &app.stop).await?;
+            value::encode_cbor(&listing_value(records))
+        }
+        RecordFault::Body(bytes) => bytes.clone(),
+        RecordFault::HangAfterHead | RecordFault::ResetMidBody => value::encode_cbor(&listing_value(records)),
+    };
+    let head = [(header::CONTENT_TYPE, CBOR.to_owned()), (X_VERSION, version.to_string())];
+    let length = [(header::CONTENT_LENGTH, bytes.len().to_string())];
+    match fault::broken_body(&fault, bytes.clone(), app.stop.clone()) {
+        Some(broken) => Ok((head, length, broken).into_response()),
+        None => Ok((head, bytes).into_response()),
+    }
 }
 
 /// U2: the stored bytes verbatim as CBOR (or a JSON view), with the record's `X-Version`;
@@ -142,6 +170,10 @@ async fn record(app: &App, c: &CollectionId, id: &str, headers: &HeaderMap) -> R
         _ => {}
     }
     let (version, stored) = app.store.record(c, id).ok_or_else(|| no_record(c, id))?;
+    let stored = match &fault {
+        Some(RecordFault::Body(bytes)) => bytes.clone(),
+        _ => stored,
+    };
     let (content_type, bytes) = if wants_cbor(headers) {
         (CBOR, stored)
     } else {

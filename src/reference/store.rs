@@ -101,6 +101,8 @@ struct State {
     tokens: HashMap<CollectionId, String>,
     /// Test hooks: records whose U2 misbehaves on purpose.
     faults: HashMap<(CollectionId, String), RecordFault>,
+    /// Test hooks: collections whose U1 misbehaves on purpose.
+    listing_faults: HashMap<CollectionId, RecordFault>,
     /// Test hooks: collections whose U1 is delayed on purpose.
     listing_delays: HashMap<CollectionId, std::time::Duration>,
 }
@@ -241,6 +243,20 @@ impl Store {
             Some(delay) => state.listing_delays.insert(c.clone(), delay),
             None => state.listing_delays.remove(c),
         };
+    }
+
+    /// Test hook: makes every U1 of the collection misbehave (`None` clears the fault), so tests
+    /// see how the sidecar copes with a listing that fails, breaks off or is not a map.
+    pub fn set_listing_fault(&self, c: &CollectionId, fault: Option<RecordFault>) {
+        let mut state = self.lock();
+        match fault {
+            Some(fault) => state.listing_faults.insert(c.clone(), fault),
+            None => state.listing_faults.remove(c),
+        };
+    }
+
+    pub(super) fn listing_fault(&self, c: &CollectionId) -> Option<RecordFault> {
+        self.lock().listing_faults.get(c).cloned()
     }
 
     pub(super) fn listing_delay(&self, c: &CollectionId) -> Option<std::time::Duration> {
