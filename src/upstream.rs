@@ -518,7 +518,11 @@ pub fn parse_listing(body: &[u8], is_json: bool) -> Result<Vec<ListingEntry>, Up
     let parsed: Result<ListingBody, String> = if is_json {
         serde_json::from_slice(body).map_err(|e| e.to_string())
     } else {
-        ciborium::de::from_reader(body).map_err(|e| e.to_string())
+        let mut rest = body;
+        ciborium::de::from_reader(&mut rest).map_err(|e| e.to_string()).and_then(|listing| match rest {
+            [] => Ok(listing),
+            _ => Err(format!("{} bytes follow the map", rest.len())),
+        })
     };
     let mut entries = parsed
         .map_err(|e| {
@@ -568,7 +572,8 @@ impl<'de> Visitor<'de> for ListingVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ListingBody, A::Error> {
-        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(1 << 20));
+        // The count is the server's claim: a few bytes can claim 2^64 entries, so reserve little.
+        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(1 << 14));
         while let Some(id) = map.next_key::<String>()? {
             let meta: RecordMeta = map.next_value()?;
             entries.push(ListingEntry { id, version: meta.version.0 });
@@ -680,6 +685,22 @@ mod tests {
         let body = cbor(&ciborium::Value::Array(vec![]));
         let err = parse_listing(&body, false).unwrap_err().to_string();
         assert!(!err.contains("Semantic("), "{err}");
+    }
+
+    #[test]
+    fn bytes_after_the_listing_map_are_refused() {
+        let mut body = cbor(&ciborium::Value::Map(vec![entry("a", 1.into())])).to_vec();
+        assert!(parse_listing(&body, false).is_ok());
+        body.push(0x01);
+        let err = parse_listing(&body, false).unwrap_err().to_string();
+        assert!(err.contains("1 bytes follow the map"), "{err}");
+    }
+
+    #[test]
+    fn a_map_claiming_more_entries_than_it_holds_is_refused() {
+        // A map head claiming 2^64 - 1 entries, then nothing.
+        let body = [0xbb, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(parse_listing(&body, false), Err(UpstreamError::Protocol(_))));
     }
 
     #[test]
