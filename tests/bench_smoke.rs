@@ -1,0 +1,37 @@
+//! The benchmark harness at a smoke size: it must keep running and write every table's figures.
+//! Speeds are not asserted (these machines are shared); the harness is where they are read.
+
+use std::process::Command;
+
+#[test]
+fn bench_exports_runs_at_a_smoke_size_and_writes_every_figure() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json = dir.path().join("bench.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["exports", "--records", "300", "--repeat", "1", "--attachments", "2"])
+        .args(["--passthrough-seconds", "0.3", "--connections", "4", "--rss-records", "600"])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("bench runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    for table in ["Exports", "CBOR → JSON", "Zip with attachments", "Pass-through", "Peak RSS"] {
+        assert!(stdout.contains(table), "table {table} printed:\n{stdout}");
+    }
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("JSON written")).expect("valid JSON");
+    for encoding in ["cbor", "json", "json-lines"] {
+        let figures = &results["encodings"][encoding];
+        for run in ["cold", "warm"] {
+            assert_eq!(figures[run]["records"], 300, "{encoding} {run}");
+            assert!(figures[run]["bytes"].as_u64().is_some_and(|b| b > 300), "{encoding} {run}");
+        }
+    }
+    assert!(results["direct"]["records_per_second"].as_f64().is_some_and(|r| r > 0.0));
+    assert!(results["zip"]["bytes"].as_u64().is_some_and(|b| b > 2 << 20), "two 1 MiB attachments");
+    assert!(results["passthrough"]["targets"]["through export-sidecar"]["requests_per_second"]
+        .as_f64()
+        .is_some());
+    assert!(results["peak_rss"]["peak_rss_kib"].as_u64().is_some_and(|k| k > 0));
+}
