@@ -15,6 +15,7 @@ use crate::proxy::Sidecar;
 use crate::readiness::Readiness;
 use crate::shutdown::{DrainThenExit, Draining, InFlight};
 use crate::upstream::{Credentials, Upstream};
+use pingora::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
@@ -48,6 +49,7 @@ pub fn build(config: &Config, in_flight: &InFlight, draining: &Draining) -> Resu
         concurrency: config.upstream.concurrency,
         cache: RecordCache::new(config.cache.max_bytes),
         slots: ExportSlots::new(config.export.max_concurrent),
+        draining: draining.clone(),
     };
     let conf = ServerConf {
         threads: config.threads(),
@@ -68,7 +70,10 @@ pub fn build(config: &Config, in_flight: &InFlight, draining: &Draining) -> Resu
         },
         "public",
     );
-    proxy.add_tcp(&config.listen.public.to_string());
+    // No read buffer: pingora's 64 KiB default only saves syscalls under TLS, and every idle
+    // event-stream subscriber would hold one (measured with `bench events`).
+    let buffers = L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE);
+    proxy.add_listener(ListenerConfig::tcp(config.listen.public.to_string()).l4_buffer(buffers));
 
     let readiness = Readiness {
         public: config.listen.public,
