@@ -6,6 +6,7 @@ use pingora::server::{ShutdownSignal, ShutdownSignalWatch, UnixShutdownSignalWat
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Requests being handled, across every listener thread.
 #[derive(Clone, Default)]
@@ -31,32 +32,46 @@ impl Drop for InFlightGuard {
     }
 }
 
-/// Set once SIGTERM arrives; readiness reports it so load balancers stop sending traffic.
+/// SIGTERM's two steps as the rest of the sidecar sees them: draining (readiness fails so load
+/// balancers stop sending traffic; still serving) and then closing (event streams end).
 #[derive(Clone, Default)]
-pub struct Draining(Arc<AtomicBool>);
+pub struct Draining {
+    draining: Arc<AtomicBool>,
+    closing: CancellationToken,
+}
 
 impl Draining {
     pub fn start(&self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     pub fn is_draining(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Listeners are about to stop: long-lived streams should end now.
+    pub fn close(&self) {
+        self.closing.cancel();
+    }
+
+    /// Resolves once `close` was called; one shared wake-up, however many streams wait.
+    pub async fn closed(&self) {
+        self.closing.cancelled().await;
     }
 }
 
 /// pingora's signal handling, plus: SIGTERM first marks the process draining and keeps serving
 /// for `delay` (so readiness fails before the listeners close), then lets pingora stop
-/// accepting, and exits once nothing is in flight. Event streams end themselves within a
-/// second of shutdown starting, so they do not hold it up.
+/// accepting, and exits once nothing is in flight. Event streams are told to end as accepting
+/// stops, so they do not hold it up.
 pub struct DrainThenExit {
     pub in_flight: InFlight,
     pub draining: Draining,
     pub delay: Duration,
 }
 
-/// Time for event streams to notice the shutdown and end cleanly before the count is read.
-const SETTLE: Duration = Duration::from_millis(1500);
+/// Time for event streams to write their last bytes and leave before the count is read.
+const SETTLE: Duration = Duration::from_millis(500);
 
 #[async_trait]
 impl ShutdownSignalWatch for DrainThenExit {
@@ -72,6 +87,7 @@ impl ShutdownSignalWatch for DrainThenExit {
             }
         }
         if matches!(signal, ShutdownSignal::GracefulTerminate) {
+            self.draining.close();
             let in_flight = self.in_flight.clone();
             std::thread::spawn(move || exit_when_idle(&in_flight));
         }

@@ -9,6 +9,7 @@ use crate::config::EventsConfig;
 use crate::error::ApiError;
 use crate::journal::{record_listing, JournalError, VersionJournal};
 use crate::metrics;
+use crate::shutdown::Draining;
 use crate::upstream::Credentials;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -65,7 +66,7 @@ impl Exporter {
             opening.extend_from_slice(&event);
         }
         session.write_response_body(Some(Bytes::from(opening)), false).await?;
-        let ended = deliver(session, &subscription, &self.events).await;
+        let ended = deliver(session, &subscription, &self.events, &self.draining).await;
         log.outcome = match &ended {
             Ok(reason) => reason,
             // Blocked past the write timeout; any other failed write means the client left.
@@ -173,11 +174,13 @@ async fn deliver(
     session: &mut Session,
     subscription: &Subscription,
     config: &EventsConfig,
+    draining: &Draining,
 ) -> pingora::Result<&'static str> {
     let heartbeat_every = Duration::from_secs(config.heartbeat_seconds);
     let mut heartbeat =
         tokio::time::interval_at(tokio::time::Instant::now() + heartbeat_every, heartbeat_every);
-    let mut shutdown_check = tokio::time::interval(Duration::from_secs(1));
+    let closed = draining.closed();
+    tokio::pin!(closed);
     let lifetime = lifetime(config);
     let ends = tokio::time::sleep(lifetime.unwrap_or(Duration::MAX / 4));
     tokio::pin!(ends);
@@ -197,11 +200,7 @@ async fn deliver(
                 session.write_response_body(Some(Bytes::from_static(b": heartbeat\n\n")), false).await?;
             }
             _ = &mut ends, if lifetime.is_some() => return Ok("lifetime"),
-            _ = shutdown_check.tick() => {
-                if session.is_process_shutting_down() {
-                    return Ok("shutdown");
-                }
-            }
+            () = &mut closed => return Ok("shutdown"),
             read = session.read_body_or_idle(false), if watch_client => match read {
                 Err(_) => return Ok("client_gone"),
                 Ok(None) => watch_client = false,

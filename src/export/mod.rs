@@ -23,6 +23,7 @@ use crate::collection::Collection;
 use crate::config::{EventsConfig, ExportConfig};
 use crate::error::ApiError;
 use crate::journal::VersionJournal;
+use crate::shutdown::Draining;
 use crate::upstream::{Credentials, Listing, Upstream};
 use body::ContentCoding;
 use chunks::BodyEvent;
@@ -86,6 +87,8 @@ pub struct Exporter {
     pub cache: RecordCache,
     /// Record and zip exports running at once; event streams are capped by the hub instead.
     pub slots: ExportSlots,
+    /// Tells event streams when the process shuts down.
+    pub draining: Draining,
 }
 
 /// Aborts a pipeline task when the request handling that started it ends, however it ends,
