@@ -4,30 +4,11 @@
 mod common;
 
 use ciborium::Value;
-use common::{cbor, collection, error_body, Sidecar, Stack};
+use common::{cbor, collection, error_body, numbered, start_with_config, Sidecar, Stack};
 use export_sidecar::reference::{attachment_link, RecordFault, ReferenceConfig, ReferenceServer};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn numbered(n: usize) -> Vec<(String, Option<bytes::Bytes>)> {
-    (0..n).map(|i| (format!("r{i:05}"), Some(cbor(&Value::Text(format!("value {i}")))))).collect()
-}
-
-/// A config file holding `text`, and the directory that keeps it alive.
-fn config_file(text: &str) -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("proxy.toml");
-    std::fs::write(&path, text).expect("write config");
-    let path = path.to_str().expect("utf-8 path").to_owned();
-    (dir, path)
-}
-
-async fn start_with_config(text: &str) -> (tempfile::TempDir, Stack) {
-    let (dir, path) = config_file(text);
-    let stack = Stack::start_with(&["--config", &path]).await;
-    (dir, stack)
-}
 
 /// The upstream paths requested while `work` ran.
 async fn upstream_paths<F: std::future::Future<Output = T>, T>(stack: &Stack, work: F) -> (T, Vec<String>) {

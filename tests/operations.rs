@@ -4,31 +4,14 @@
 mod common;
 
 use ciborium::Value;
-use common::{cbor, collection, error_body, free_port, Sidecar, Stack};
+use common::{
+    cbor, collection, config_file, error_body, free_port, numbered, start_with_config, Sidecar, Stack,
+};
 use export_sidecar::reference::{RecordFault, ReferenceConfig, ReferenceServer};
 use futures::StreamExt;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn numbered(n: usize) -> Vec<(String, Option<bytes::Bytes>)> {
-    (0..n).map(|i| (format!("r{i:05}"), Some(cbor(&Value::Text(format!("value {i}")))))).collect()
-}
-
-/// A config file holding `text`, and the directory that keeps it alive.
-fn config_file(text: &str) -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("proxy.toml");
-    std::fs::write(&path, text).expect("write config");
-    let path = path.to_str().expect("utf-8 path").to_owned();
-    (dir, path)
-}
-
-async fn start_with_config(text: &str) -> (tempfile::TempDir, Stack) {
-    let (dir, path) = config_file(text);
-    let stack = Stack::start_with(&["--config", &path]).await;
-    (dir, stack)
-}
 
 /// `/readyz`'s status and JSON report.
 async fn readyz(sidecar: &Sidecar) -> (u16, serde_json::Value) {

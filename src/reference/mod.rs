@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 
 pub use debug::pattern_byte;
 pub use fault::RecordFault;
-pub use seed::{seed_demo, DEMO_TOKEN};
+pub use seed::{seed_demo, SplitMix64, DEMO_TOKEN};
 pub use store::{attachment_link, CollectionId, LoggedRequest, Store};
 pub use webhook::{sign, SignError};
 

@@ -24,12 +24,12 @@ pub fn seed_demo(store: &Store) {
     seed_diary(store, &mut rng);
 }
 
-/// A tiny, fixed pseudo-random generator (SplitMix64): the same demo on every machine and
-/// every version of every crate.
-struct SplitMix64(u64);
+/// A tiny, fixed pseudo-random generator (SplitMix64): the same demo (and benchmark data) on
+/// every machine and every version of every crate.
+pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
-    fn next(&mut self) -> u64 {
+    pub fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -37,11 +37,11 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+    pub fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
         items[self.below(items.len() as u64) as usize]
     }
 

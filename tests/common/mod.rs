@@ -306,3 +306,24 @@ pub fn object_entries(text: &str) -> Vec<(String, serde_json::Value)> {
     de.end().expect("nothing after the object");
     entries
 }
+
+/// `n` records `r00000`, `r00001`, … whose values are short texts.
+pub fn numbered(n: usize) -> Vec<(String, Option<bytes::Bytes>)> {
+    (0..n).map(|i| (format!("r{i:05}"), Some(cbor(&ciborium::Value::Text(format!("value {i}")))))).collect()
+}
+
+/// A config file holding `text`, and the directory that keeps it alive.
+pub fn config_file(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, text).expect("write config");
+    let path = path.to_str().expect("utf-8 path").to_owned();
+    (dir, path)
+}
+
+/// The stack with the sidecar reading `text` as its proxy.toml; keep the directory alive.
+pub async fn start_with_config(text: &str) -> (tempfile::TempDir, Stack) {
+    let (dir, path) = config_file(text);
+    let stack = Stack::start_with(&["--config", &path]).await;
+    (dir, stack)
+}

@@ -3,32 +3,17 @@
 
 use bytes::Bytes;
 use ciborium::Value;
+use export_sidecar::reference::SplitMix64;
 
 const WORDS: &[&str] = &[
     "river", "stone", "amber", "falcon", "meadow", "copper", "lantern", "harbor", "willow", "summit",
     "ember", "glacier", "orchard", "quartz", "thistle", "velvet",
 ];
 
-/// A small deterministic generator, so every run measures the same bytes.
-struct Mix(u64);
-
-impl Mix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn words(&mut self, count: usize) -> String {
-        let words: Vec<&str> = (0..count).map(|_| WORDS[self.below(WORDS.len() as u64) as usize]).collect();
-        words.join(" ")
-    }
+/// `count` words picked by `mix`, joined by spaces.
+fn words(mix: &mut SplitMix64, count: usize) -> String {
+    let words: Vec<&str> = (0..count).map(|_| mix.pick(WORDS)).collect();
+    words.join(" ")
 }
 
 fn text(key: &str) -> Value {
@@ -37,12 +22,12 @@ fn text(key: &str) -> Value {
 
 /// Record `i` of a benchmark collection, about `size` bytes once encoded.
 pub fn record(i: usize, size: usize) -> Bytes {
-    let mut mix = Mix(i as u64 ^ 0xbe4c_0000);
-    let tags = (0..1 + mix.below(4)).map(|_| Value::Text(mix.words(1))).collect();
+    let mut mix = SplitMix64(i as u64 ^ 0xbe4c_0000);
+    let tags = (0..1 + mix.below(4)).map(|_| Value::Text(words(&mut mix, 1))).collect();
     let readings = (0..4).map(|_| Value::Float(mix.below(100_000) as f64 / 100.0)).collect();
     let address = Value::Map(vec![
-        (text("street"), Value::Text(format!("{} {} road", mix.below(999), mix.words(1)))),
-        (text("city"), Value::Text(mix.words(2))),
+        (text("street"), Value::Text(format!("{} {} road", mix.below(999), words(&mut mix, 1)))),
+        (text("city"), Value::Text(words(&mut mix, 2))),
         (
             text("geo"),
             Value::Map(vec![
@@ -53,7 +38,7 @@ pub fn record(i: usize, size: usize) -> Bytes {
     ]);
     let mut fields = vec![
         (text("id"), Value::Integer((i as u64).into())),
-        (text("name"), Value::Text(mix.words(3))),
+        (text("name"), Value::Text(words(&mut mix, 3))),
         (text("active"), Value::Bool(mix.below(2) == 0)),
         (text("count"), Value::Integer((mix.below(1 << 40) as i64 - (1 << 39)).into())),
         (text("score"), Value::Float(mix.below(1_000_000) as f64 / 1000.0)),
@@ -66,8 +51,8 @@ pub fn record(i: usize, size: usize) -> Bytes {
     if encoded.len() < size {
         // The rest is prose and a thumbnail-like byte string, as records with a description do.
         let room = size - encoded.len();
-        let words = room * 2 / 3 / 7;
-        fields.push((text("description"), Value::Text(mix.words(words.max(1)))));
+        let count = room * 2 / 3 / 7;
+        fields.push((text("description"), Value::Text(words(&mut mix, count.max(1)))));
         let used = encode(&Value::Map(fields.clone())).len();
         let blob = size.saturating_sub(used + 12);
         fields.push((text("thumbnail"), Value::Bytes((0..blob).map(|_| mix.next() as u8).collect())));
@@ -84,7 +69,7 @@ fn encode(value: &Value) -> Vec<u8> {
 
 /// Attachment `i`: `len` pseudo-random bytes, as incompressible as photos and video.
 pub fn blob(i: usize, len: usize) -> Bytes {
-    let mut mix = Mix(i as u64 ^ 0xb10b_0000);
+    let mut mix = SplitMix64(i as u64 ^ 0xb10b_0000);
     let mut bytes = Vec::with_capacity(len + 8);
     while bytes.len() < len {
         bytes.extend_from_slice(&mix.next().to_le_bytes());
