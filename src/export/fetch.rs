@@ -23,10 +23,23 @@ pub struct RecordSource<'a> {
 
 impl RecordSource<'_> {
     pub async fn fetch(&self, entry: ListingEntry) -> Fetched {
-        let key = self.scope.key(entry);
-        if let Some(cached) = self.cache.get(&key) {
-            return Fetched::Cached(key, cached);
+        match self.cached(entry) {
+            Ok(hit) => hit,
+            Err(key) => self.from_upstream(key).await,
         }
+    }
+
+    /// The record from the cache, or its key when it has to be fetched.
+    pub fn cached(&self, entry: ListingEntry) -> Result<Fetched, RecordKey> {
+        let key = self.scope.key(entry);
+        match self.cache.get(&key) {
+            Some(cached) => Ok(Fetched::Cached(key, cached)),
+            None => Err(key),
+        }
+    }
+
+    /// U2's answer for a record the cache does not hold.
+    pub async fn from_upstream(&self, key: RecordKey) -> Fetched {
         let answer = self.upstream.record(self.collection, &key.id, self.credentials).await;
         Fetched::Fetched(key, answer)
     }

@@ -9,6 +9,7 @@ pub mod etag;
 pub mod events;
 pub mod fetch;
 pub mod limit;
+pub mod ordered;
 pub mod plan;
 pub mod records;
 pub mod response;

@@ -5,12 +5,14 @@ use super::body::ContentCoding;
 use super::chunks::{spawn_pipeline, BodyEvent, ChunkWriter, ExportSource, Stop};
 use super::encoder::RecordEncoder;
 use super::fetch::{Fetched, RecordSource};
+use super::ordered::{InOrder, Step};
 use super::plan::ExportItem;
 use super::route::Encoding;
 use crate::cache::{CacheScope, RecordCache, RecordKey};
 use crate::collection::Collection;
 use bytes::Bytes;
-use futures::stream::{self, StreamExt};
+use futures::FutureExt;
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
 
@@ -48,17 +50,16 @@ impl RecordExport {
         };
         writer.encoder.begin(&mut out.raw);
 
-        let fetches = stream::iter(items).map(|item| {
-            let records = &records;
-            async move {
-                match item {
-                    ExportItem::Record(entry) => Item::Record(records.fetch(entry).await),
-                    ExportItem::Tombstone(id) => Item::Tombstone(id),
-                }
-            }
-        });
-        let mut fetches = fetches.buffered(concurrency);
-        while let Some(item) = out.next_or_flush(&mut fetches).await? {
+        let mut steps = RecordSteps { items: items.into_iter(), records: &records };
+        let mut fetches = InOrder::new(concurrency);
+        loop {
+            let item = match fetches.fill(|| steps.next_step()) {
+                Some(item) => item,
+                None => match out.next_or_flush(fetches.queued()).await? {
+                    Some(item) => item,
+                    None => break,
+                },
+            };
             match item {
                 Item::Tombstone(id) => writer.encoder.tombstone(&id, &mut out.raw),
                 Item::Record(fetched) => writer.write(fetched, &mut out.raw)?,
@@ -69,6 +70,24 @@ impl RecordExport {
         writer.encoder.end(&mut out.raw);
         out.finish().await?;
         Ok(writer.encoder.records_written())
+    }
+}
+
+/// The plan's items as steps: cache hits and tombstones at once, the rest fetched.
+struct RecordSteps<'a> {
+    items: std::vec::IntoIter<ExportItem>,
+    records: &'a RecordSource<'a>,
+}
+
+impl<'a> RecordSteps<'a> {
+    fn next_step(&mut self) -> Option<Step<Item, impl Future<Output = Item> + Send + 'a>> {
+        Some(match self.items.next()? {
+            ExportItem::Tombstone(id) => Step::Ready(Item::Tombstone(id)),
+            ExportItem::Record(entry) => match self.records.cached(entry) {
+                Ok(hit) => Step::Ready(Item::Record(hit)),
+                Err(key) => Step::Fetch(self.records.from_upstream(key).map(Item::Record)),
+            },
+        })
     }
 }
 
