@@ -12,11 +12,11 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde::de::{Deserializer, MapAccess, Visitor};
-use serde::Deserialize;
-use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod listing;
+pub use listing::parse_listing;
 
 const CBOR: &str = "application/cbor";
 
@@ -513,163 +513,9 @@ fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
-/// Decodes a listing body (CBOR, or JSON when the server preferred it) and sorts it.
-pub fn parse_listing(body: &[u8], is_json: bool) -> Result<Vec<ListingEntry>, UpstreamError> {
-    let parsed: Result<ListingBody, String> = if is_json {
-        serde_json::from_slice(body).map_err(|e| e.to_string())
-    } else {
-        let mut rest = body;
-        ciborium::de::from_reader(&mut rest).map_err(|e| e.to_string()).and_then(|listing| match rest {
-            [] => Ok(listing),
-            _ => Err(format!("{} bytes follow the map", rest.len())),
-        })
-    };
-    let mut entries = parsed
-        .map_err(|e| {
-            UpstreamError::Protocol(format!(
-                "the listing is not a map of recordID to {{version}}: {}",
-                brief(&e)
-            ))
-        })?
-        .0;
-    entries.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-    if let Some(pair) = entries.windows(2).find(|pair| pair[0].id == pair[1].id) {
-        return Err(UpstreamError::Protocol(format!("the listing names record {:?} twice", pair[0].id)));
-    }
-    if entries.first().is_some_and(|e| e.id.is_empty()) {
-        return Err(UpstreamError::Protocol(
-            "the listing holds a record with an empty ID, which no record URL can address".into(),
-        ));
-    }
-    Ok(entries)
-}
-
-/// A decoder's message without its debug wrapping (`Semantic(None, "…")`).
-fn brief(message: &str) -> &str {
-    match (message.find('"'), message.rfind('"')) {
-        (Some(start), Some(end)) if end > start => &message[start + 1..end],
-        _ => message,
-    }
-}
-
-/// The listing's wire form: a map recordID → `{version, …}`, decoded straight into entries
-/// (no intermediate tree: a listing can hold millions of records).
-struct ListingBody(Vec<ListingEntry>);
-
-impl<'de> Deserialize<'de> for ListingBody {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(ListingVisitor)
-    }
-}
-
-struct ListingVisitor;
-
-impl<'de> Visitor<'de> for ListingVisitor {
-    type Value = ListingBody;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a map of recordID to {version}")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ListingBody, A::Error> {
-        // The count is the server's claim: a few bytes can claim 2^64 entries, so reserve little.
-        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(1 << 14));
-        while let Some(id) = map.next_key::<String>()? {
-            let meta: RecordMeta = map.next_value()?;
-            entries.push(ListingEntry { id, version: meta.version.0 });
-        }
-        Ok(ListingBody(entries))
-    }
-}
-
-/// One listing value; fields other than `version` are ignored.
-#[derive(Deserialize)]
-struct RecordMeta {
-    version: VersionText,
-}
-
-/// A version as text, whether the server sent text or an integer.
-struct VersionText(String);
-
-impl<'de> Deserialize<'de> for VersionText {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(VersionVisitor)
-    }
-}
-
-struct VersionVisitor;
-
-impl Visitor<'_> for VersionVisitor {
-    type Value = VersionText;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a version (text or integer)")
-    }
-
-    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<VersionText, E> {
-        Ok(VersionText(v.to_owned()))
-    }
-
-    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<VersionText, E> {
-        Ok(VersionText(v.to_string()))
-    }
-
-    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<VersionText, E> {
-        Ok(VersionText(v.to_string()))
-    }
-
-    fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<VersionText, E> {
-        Ok(VersionText(v.to_string()))
-    }
-
-    fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<VersionText, E> {
-        Ok(VersionText(v.to_string()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn cbor(value: &ciborium::Value) -> Vec<u8> {
-        let mut out = Vec::new();
-        ciborium::into_writer(value, &mut out).expect("encode");
-        out
-    }
-
-    fn entry(id: &str, version: ciborium::Value) -> (ciborium::Value, ciborium::Value) {
-        let meta = ciborium::Value::Map(vec![
-            ("version".into(), version),
-            ("hash".into(), ciborium::Value::Bytes(vec![1, 2])),
-        ]);
-        (id.into(), meta)
-    }
-
-    #[test]
-    fn listing_is_sorted_by_byte_order_and_versions_become_text() {
-        let body = cbor(&ciborium::Value::Map(vec![
-            entry("b", 7.into()),
-            entry("é", "x1".into()),
-            entry("B", 3.into()),
-        ]));
-        let entries = parse_listing(&body, false).expect("parses");
-        let ids: Vec<_> = entries.iter().map(|e| (e.id.as_str(), e.version.as_str())).collect();
-        assert_eq!(ids, [("B", "3"), ("b", "7"), ("é", "x1")]);
-    }
-
-    #[test]
-    fn json_listing_parses_too() {
-        let entries = parse_listing(br#"{"a":{"version":"1"}}"#, true).expect("parses");
-        assert_eq!(entries, [ListingEntry { id: "a".into(), version: "1".into() }]);
-    }
-
-    #[test]
-    fn not_a_map_is_a_protocol_error() {
-        let body = cbor(&ciborium::Value::Array(vec![]));
-        assert!(matches!(parse_listing(&body, false), Err(UpstreamError::Protocol(_))));
-        let body = cbor(&ciborium::Value::Map(vec![(1.into(), 2.into())]));
-        assert!(matches!(parse_listing(&body, false), Err(UpstreamError::Protocol(_))));
-    }
 
     #[test]
     fn cookie_lines_are_joined() {
@@ -678,36 +524,6 @@ mod tests {
         headers.append(http::header::COOKIE, HeaderValue::from_static("session=t"));
         let credentials = Credentials::from_headers(&headers);
         assert_eq!(credentials.cookie, Some(HeaderValue::from_static("x=1; session=t")));
-    }
-
-    #[test]
-    fn decode_errors_read_plainly() {
-        let body = cbor(&ciborium::Value::Array(vec![]));
-        let err = parse_listing(&body, false).unwrap_err().to_string();
-        assert!(!err.contains("Semantic("), "{err}");
-    }
-
-    #[test]
-    fn bytes_after_the_listing_map_are_refused() {
-        let mut body = cbor(&ciborium::Value::Map(vec![entry("a", 1.into())])).to_vec();
-        assert!(parse_listing(&body, false).is_ok());
-        body.push(0x01);
-        let err = parse_listing(&body, false).unwrap_err().to_string();
-        assert!(err.contains("1 bytes follow the map"), "{err}");
-    }
-
-    #[test]
-    fn a_map_claiming_more_entries_than_it_holds_is_refused() {
-        // A map head claiming 2^64 - 1 entries, then nothing.
-        let body = [0xbb, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
-        assert!(matches!(parse_listing(&body, false), Err(UpstreamError::Protocol(_))));
-    }
-
-    #[test]
-    fn empty_record_id_is_refused() {
-        let body = cbor(&ciborium::Value::Map(vec![entry("", 1.into())]));
-        let err = parse_listing(&body, false).unwrap_err().to_string();
-        assert!(err.contains("empty ID"), "{err}");
     }
 }
 
