@@ -10,10 +10,8 @@ mod load;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
-/// Many small buffers live and die per record fetched; the sidecar uses mimalloc, and so
-/// does the harness, so its direct client and reference server are measured alike;
-/// mimalloc handles that pattern with far
-/// fewer instructions than the system allocator.
+/// The sidecar uses mimalloc (many small buffers live and die per record fetched); so does
+/// the harness, so that its direct client and reference server are measured alike.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
