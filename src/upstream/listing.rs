@@ -39,7 +39,7 @@ pub fn parse_listing(body: &[u8], is_json: bool) -> Result<Vec<ListingEntry>, Up
 /// (75 MB at a million records).
 fn parse_cbor(body: &[u8], most_entries: usize) -> Result<Vec<ListingEntry>, String> {
     let claimed = match ciborium_ll::Decoder::from(body).pull() {
-        Ok(ciborium_ll::Header::Map(Some(count))) => usize::try_from(count).unwrap_or(usize::MAX),
+        Ok(ciborium_ll::Header::Map(Some(count))) => count,
         _ => 0,
     };
     let mut collector = Collector {

@@ -45,7 +45,7 @@ pub fn record(i: usize, size: usize) -> Bytes {
         (text("tags"), Value::Array(tags)),
         (text("address"), address),
         (text("readings"), Value::Array(readings)),
-        (text("checksum"), Value::Bytes((0..32).map(|_| mix.next() as u8).collect())),
+        (text("checksum"), Value::Bytes((0..32).map(|_| mix.next_u64() as u8).collect())),
     ];
     let mut encoded = encode(&Value::Map(fields.clone()));
     if encoded.len() < size {
@@ -55,7 +55,7 @@ pub fn record(i: usize, size: usize) -> Bytes {
         fields.push((text("description"), Value::Text(words(&mut mix, count.max(1)))));
         let used = encode(&Value::Map(fields.clone())).len();
         let blob = size.saturating_sub(used + 12);
-        fields.push((text("thumbnail"), Value::Bytes((0..blob).map(|_| mix.next() as u8).collect())));
+        fields.push((text("thumbnail"), Value::Bytes((0..blob).map(|_| mix.next_u64() as u8).collect())));
         encoded = encode(&Value::Map(fields));
     }
     Bytes::from(encoded)
@@ -72,7 +72,7 @@ pub fn blob(i: usize, len: usize) -> Bytes {
     let mut mix = SplitMix64(i as u64 ^ 0xb10b_0000);
     let mut bytes = Vec::with_capacity(len + 8);
     while bytes.len() < len {
-        bytes.extend_from_slice(&mix.next().to_le_bytes());
+        bytes.extend_from_slice(&mix.next_u64().to_le_bytes());
     }
     bytes.truncate(len);
     Bytes::from(bytes)
