@@ -55,7 +55,7 @@ impl quick_cache::Weighter<RecordKey, CachedRecord> for Weight {
 /// Entries are sized for this many bytes each when the table is first laid out.
 const TYPICAL_ENTRY: u64 = 2048;
 
-/// What an entry costs besides its values: the key's strings and moka's bookkeeping.
+/// What an entry costs besides its values: the key's strings and the cache's bookkeeping.
 const ENTRY_OVERHEAD: usize = 96;
 
 impl RecordCache {

@@ -4,7 +4,7 @@
 mod common;
 
 use ciborium::Value;
-use common::{cbor, collection, error_body, Stack};
+use common::{cbor, collection, error_body, metric, Stack};
 use export_sidecar::reference::CollectionId;
 
 const ENCODINGS: [&str; 3] = ["cbor", "json", "json-lines"];
@@ -130,20 +130,35 @@ async fn cache_figures_are_on_the_metrics_endpoint() {
     let path = "/export/datasets/u:counted?encoding=cbor";
     export(&stack, path).await;
     export(&stack, path).await;
-    let metrics = reqwest::get(stack.sidecar.internal_url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    let value = |name: &str| -> f64 {
-        let line =
-            metrics.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {metrics}"));
-        line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a number")
-    };
-    assert_eq!(value("export_sidecar_cache_misses_total "), 20.0);
-    assert_eq!(value("export_sidecar_cache_hits_total "), 20.0);
-    assert!(value("export_sidecar_cache_bytes ") > 0.0);
+    let value = |name: &'static str| metric(&stack.sidecar, name);
+    assert_eq!(value("export_sidecar_cache_misses_total").await, Some(20.0));
+    assert_eq!(value("export_sidecar_cache_hits_total").await, Some(20.0));
+    assert!(value("export_sidecar_cache_bytes").await > Some(0.0));
+}
+
+/// A record's JSON form is kept once it is converted from the cache, that is from its second
+/// export on: a collection exported once costs the cache its CBOR alone. Every export is the
+/// same bytes either way.
+#[tokio::test]
+async fn the_json_form_is_kept_from_a_records_second_export_on() {
+    let stack = Stack::start().await;
+    seed(&stack, "twice", 25);
+    let held = || metric(&stack.sidecar, "export_sidecar_cache_bytes");
+    let path = "/export/datasets/u:twice?encoding=json";
+    let first = export(&stack, path).await;
+    let cbor_only = held().await.expect("cache bytes");
+    let (second, paths) = upstream_paths(&stack, export(&stack, path)).await;
+    assert_eq!(paths, ["/datasets/u:twice/records/"], "only the listing");
+    let values: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&first).expect("an object");
+    let json_forms: usize = values.values().map(|v| v.to_string().len()).sum();
+    assert_eq!(held().await, Some(cbor_only + json_forms as f64), "the second export kept the JSON forms");
+    let lines = export(&stack, "/export/datasets/u:twice?encoding=json-lines").await;
+    let third = export(&stack, path).await;
+    assert_eq!(held().await, Some(cbor_only + json_forms as f64), "nothing more to keep");
+    assert_eq!(second, first);
+    assert_eq!(third, first);
+    assert_eq!(lines.iter().filter(|&&b| b == b'\n').count(), 25);
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 mod common;
 
 use ciborium::Value;
-use common::{cbor, collection, error_body, numbered, start_with_config, Sidecar, Stack};
+use common::{cbor, collection, error_body, metric, numbered, start_with_config, Sidecar, Stack};
 use export_sidecar::reference::{attachment_link, RecordFault, ReferenceConfig, ReferenceServer};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -443,13 +443,6 @@ async fn a_refused_connection_is_a_502_before_the_head_and_an_aborted_body_after
     reference.store().write(&collection("datasets", "a", "back"), numbered(7));
     let export = client.get(sidecar.url("/export/datasets/a:back?encoding=json-lines")).send().await;
     assert_eq!(export.expect("answered").text().await.expect("whole body").lines().count(), 7);
-}
-
-/// One sample of `/metrics`, `name{labels}` exactly as rendered.
-async fn metric(sidecar: &Sidecar, sample: &str) -> Option<f64> {
-    let response = common::client().get(sidecar.internal_url("/metrics")).send().await.ok()?;
-    let text = response.text().await.ok()?;
-    text.lines().find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@ mod common;
 
 use ciborium::Value;
 use common::{
-    cbor, collection, config_file, error_body, free_port, numbered, start_with_config, Sidecar, Stack,
+    cbor, collection, config_file, error_body, free_port, metric, numbered, start_with_config, Sidecar, Stack,
 };
 use export_sidecar::reference::{RecordFault, ReferenceConfig, ReferenceServer};
 use futures::StreamExt;
@@ -32,19 +32,6 @@ async fn readyz_becomes(sidecar: &Sidecar, status: u16) -> serde_json::Value {
         assert!(Instant::now() < deadline, "readyz stayed {seen}, not {status}: {report}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// The value of one sample line of `/metrics`, `name{labels}` exactly as rendered.
-async fn metric(sidecar: &Sidecar, sample: &str) -> Option<f64> {
-    let text = common::client()
-        .get(sidecar.internal_url("/metrics"))
-        .send()
-        .await
-        .expect("answered")
-        .text()
-        .await
-        .expect("body");
-    text.lines().find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// Polls until `sample` has `value`: request metrics are counted after the response is sent.

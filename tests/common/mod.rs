@@ -215,6 +215,13 @@ pub fn client() -> reqwest::Client {
     reqwest::Client::builder().build().expect("client")
 }
 
+/// One sample of the internal listener's `/metrics`, `name{labels}` exactly as rendered.
+pub async fn metric(sidecar: &Sidecar, sample: &str) -> Option<f64> {
+    let response = client().get(sidecar.internal_url("/metrics")).send().await.ok()?;
+    let text = response.text().await.ok()?;
+    text.lines().find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+}
+
 pub fn collection(realm: &str, user: &str, name: &str) -> CollectionId {
     CollectionId::new(realm, user, name)
 }
