@@ -97,17 +97,6 @@ enum Item {
     Tombstone(String),
 }
 
-/// What a record is cached as once encoded. Its JSON form is kept from its second export on
-/// (converted from the cache): a record exported once costs the cache, and the cold export,
-/// its CBOR alone, which is what bounds a cold export's memory growth (first-touched pages).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Form {
-    /// Just fetched from U2: the CBOR alone.
-    Stored,
-    /// Cached CBOR converted for a JSON export: with its JSON form too.
-    Converted,
-}
-
 /// Encodes records into the output, and keeps what it checked or converted in the cache.
 struct Writer<'a> {
     encoder: RecordEncoder,
@@ -122,11 +111,11 @@ impl Writer<'_> {
             Fetched::Cached(key, cached) => match (self.encoding, cached.json) {
                 (Encoding::Cbor, _) => self.encoder.encoded(&key.id, &cached.cbor, out),
                 (_, Some(json)) => self.encoder.encoded(&key.id, &json, out),
-                (_, None) => self.encode_and_keep(key, cached.cbor, Form::Converted, out)?,
+                (_, None) => self.encode_and_keep(key, cached.cbor, out)?,
             },
             Fetched::Fetched(mut key, Ok(Some(record))) => {
                 key.answered_as(record.version);
-                self.encode_and_keep(key, record.value, Form::Stored, out)?;
+                self.encode_and_keep(key, record.value, out)?;
             }
             // Deleted between the listing and its fetch: the listing's version predates
             // the deletion, and the next sync reports it.
@@ -139,14 +128,8 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// Checks and encodes U2's CBOR, then caches it in `form`.
-    fn encode_and_keep(
-        &mut self,
-        key: RecordKey,
-        cbor: Bytes,
-        form: Form,
-        out: &mut Vec<u8>,
-    ) -> Result<(), Stop> {
+    /// Checks and encodes U2's CBOR, then caches it with its JSON form when one was made.
+    fn encode_and_keep(&mut self, key: RecordKey, cbor: Bytes, out: &mut Vec<u8>) -> Result<(), Stop> {
         let range = match self.encoder.record(&key.id, &cbor, out) {
             Ok(range) => range,
             Err(e) => {
@@ -155,8 +138,8 @@ impl Writer<'_> {
                 return Err(Stop::failed(Some(&key.id), reason));
             }
         };
-        let keep_json = form == Form::Converted && self.encoding != Encoding::Cbor;
-        self.cache.insert(key, cbor, || keep_json.then(|| Bytes::copy_from_slice(&out[range])));
+        let is_json = self.encoding != Encoding::Cbor;
+        self.cache.insert(key, cbor, || is_json.then(|| Bytes::copy_from_slice(&out[range])));
         Ok(())
     }
 }

@@ -301,7 +301,7 @@ fn export_table(direct: Transfer, runs: &[EncodingRuns]) -> Table {
     for (encoding, run) in ENCODINGS.iter().zip(runs) {
         rows.push(row(format!("warm {encoding}"), run.warm, Some(run.warm_to_cold), "≥ 10"));
     }
-    // The second export also converts and keeps the JSON forms, and touches fresh memory.
+    // The second export is the first to touch fresh memory for its buffers.
     for (encoding, run) in ENCODINGS.iter().zip(runs) {
         let ratio = run.cold.seconds / run.first_warm.seconds;
         rows.push(row(format!("second {encoding}"), run.first_warm, Some(ratio), ""));
