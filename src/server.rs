@@ -55,6 +55,10 @@ pub fn build(config: &Config, in_flight: &InFlight, draining: &Draining) -> Resu
         threads: config.threads(),
         grace_period_seconds: Some(config.server.grace_period_seconds),
         graceful_shutdown_timeout_seconds: Some(5),
+        // Each connection and the tasks it spawns (an export's pipeline, its upstream
+        // connections) stay on one thread. With stealing, every record fetched woke a task on
+        // the other thread: cold exports ran at 0.76-0.83x a direct fetch, now 1.06-1.3x.
+        work_stealing: false,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
