@@ -421,8 +421,32 @@ fn zip_table(zip: Transfer) -> Table {
     Table { header: vec!["records", "archive MB", "seconds", "MB/s"], rows }
 }
 
-/// Requests/s and latency of one small record through the sidecar, straight from the
-/// upstream, and through nginx (skipped with a note when nginx is not installed).
+/// Pass-through load on a sidecar that is also running JSON exports of the whole collection
+/// back to back: what a long export costs the requests beside it.
+async fn while_exporting(
+    sidecar: &SidecarProcess,
+    path: &str,
+    args: &ExportArgs,
+) -> Result<LoadResult, String> {
+    let (client, url, records) = (reqwest::Client::new(), sidecar.url(EXPORTED), args.records);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let exporting = tokio::spawn(async move {
+        while !*stopped.borrow() {
+            export(&client, &url, records).await?;
+        }
+        Ok::<(), String>(())
+    });
+    let measured = load::run(sidecar.public, path, args.connections, args.passthrough_seconds).await;
+    stop.send_replace(true);
+    exporting.await.map_err(|e| e.to_string())??;
+    measured
+}
+
+/// The export `while_exporting` repeats.
+const EXPORTED: &str = "/export/datasets/bench:data?encoding=json";
+
+/// Requests/s and latency of one small record straight from the upstream, through the
+/// sidecar (alone and while exporting), and through nginx (skipped with a note when nginx is not installed).
 async fn passthrough(
     args: &ExportArgs,
     reference: &ReferenceServer,
@@ -441,6 +465,7 @@ async fn passthrough(
     let mut measured: Vec<(&str, LoadResult)> = vec![
         ("direct to the upstream", load::run(reference.addr(), &path, connections, seconds).await?),
         ("through export-sidecar", load::run(sidecar.public, &path, connections, seconds).await?),
+        ("sidecar, exports running", while_exporting(&sidecar, &path, args).await?),
     ];
     drop(sidecar);
     match Nginx::start(reference.addr()).await {
