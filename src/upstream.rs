@@ -226,7 +226,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// The shared client. Cheap to clone; all clones share one connection pool.
+/// A pooled client. Cheap to clone; clones share its connection pool, whose connections are
+/// driven on the runtime that opened them.
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<HttpConnector, Empty<Bytes>>,

@@ -46,6 +46,8 @@ impl std::fmt::Display for ExportFailure {
 
 /// What every export pipeline reads from: the records to write and how to fetch them.
 pub struct ExportSource {
+    /// The export thread the pipeline runs on; `upstream`'s connections live there too.
+    pub runtime: tokio::runtime::Handle,
     pub upstream: Upstream,
     /// Where records are looked up before they are fetched.
     pub cache: RecordCache,
@@ -78,16 +80,19 @@ impl Stop {
 /// an export's memory whatever the collection's size.
 const CHANNEL_CHUNKS: usize = 4;
 
-/// Runs a pipeline as its own task. Dropping the returned receiver stops it at its next send;
-/// aborting the task cancels whatever it has in flight.
-pub fn spawn_pipeline<F, Fut>(run: F) -> (mpsc::Receiver<BodyEvent>, tokio::task::JoinHandle<()>)
+/// Runs a pipeline as its own task on `runtime`. Dropping the returned receiver stops it at its
+/// next send; aborting the task cancels whatever it has in flight.
+pub fn spawn_pipeline<F, Fut>(
+    runtime: &tokio::runtime::Handle,
+    run: F,
+) -> (mpsc::Receiver<BodyEvent>, tokio::task::JoinHandle<()>)
 where
     F: FnOnce(mpsc::Sender<BodyEvent>) -> Fut,
     Fut: Future<Output = Result<u64, Stop>> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
     let work = run(tx.clone());
-    let task = tokio::spawn(async move {
+    let task = runtime.spawn(async move {
         let event = match work.await {
             Ok(records) => BodyEvent::Done { records },
             Err(Stop::Failed(failure)) => BodyEvent::Failed(failure),

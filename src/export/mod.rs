@@ -14,6 +14,7 @@ pub mod plan;
 pub mod records;
 pub mod response;
 pub mod route;
+pub mod workers;
 pub mod zip;
 pub mod zipfile;
 
@@ -90,6 +91,8 @@ pub struct Exporter {
     pub slots: ExportSlots,
     /// Tells event streams when the process shuts down.
     pub draining: Draining,
+    /// Where record and zip pipelines run, each with its own upstream client.
+    pub workers: workers::ExportWorkers,
 }
 
 /// Aborts a pipeline task when the request handling that started it ends, however it ends,
@@ -233,8 +236,10 @@ impl Exporter {
         items: Vec<plan::ExportItem>,
         log: &ExportLog,
     ) -> chunks::ExportSource {
+        let worker = self.workers.next();
         chunks::ExportSource {
-            upstream: self.upstream.clone(),
+            runtime: worker.runtime,
+            upstream: worker.upstream,
             cache: self.cache.clone(),
             collection,
             credentials,

@@ -26,13 +26,23 @@ pub struct RecordExport {
 impl RecordExport {
     /// Starts the pipeline as its own task (see `spawn_pipeline`).
     pub fn spawn(self) -> (mpsc::Receiver<BodyEvent>, tokio::task::JoinHandle<()>) {
-        spawn_pipeline(|tx| self.run(tx))
+        let runtime = self.source.runtime.clone();
+        spawn_pipeline(&runtime, |tx| self.run(tx))
     }
 
     async fn run(self, tx: mpsc::Sender<BodyEvent>) -> Result<u64, Stop> {
         let RecordExport { source, encoding, coding } = self;
-        let ExportSource { upstream, cache, collection, credentials, items, written, concurrency, config } =
-            source;
+        let ExportSource {
+            upstream,
+            cache,
+            collection,
+            credentials,
+            items,
+            written,
+            concurrency,
+            config,
+            ..
+        } = source;
         let scope = CacheScope::new(&collection);
         let records = RecordSource {
             upstream: &upstream,

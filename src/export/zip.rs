@@ -148,13 +148,23 @@ struct ZipExport {
 impl ZipExport {
     /// Starts the pipeline; aborting the task drops every fetch, download and spool file.
     fn spawn(self) -> (mpsc::Receiver<BodyEvent>, tokio::task::JoinHandle<()>) {
-        spawn_pipeline(|tx| self.run(tx))
+        let runtime = self.source.runtime.clone();
+        spawn_pipeline(&runtime, |tx| self.run(tx))
     }
 
     async fn run(self, tx: mpsc::Sender<BodyEvent>) -> Result<u64, Stop> {
         let ZipExport { source, attachments, coding } = self;
-        let ExportSource { upstream, cache, collection, credentials, items, written, concurrency, config } =
-            source;
+        let ExportSource {
+            upstream,
+            cache,
+            collection,
+            credentials,
+            items,
+            written,
+            concurrency,
+            config,
+            ..
+        } = source;
         let scope = CacheScope::new(&collection);
         let mut out = ArchiveOutput::new(tx, coding, &config);
         let attachments = attachments.then(|| {
