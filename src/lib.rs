@@ -6,6 +6,8 @@
 //! - [`server`]: assembles the pingora server (public and internal listeners) and runs it.
 //! - [`shutdown`]: SIGTERM marks the process draining, waits out the drain delay, lets
 //!   in-flight requests finish, then exits.
+//! - [`public`]: the public listener's connections: event streams asked for first on a
+//!   connection are served on the socket, the rest go to [`proxy`].
 //! - [`proxy`]: the public listener's `ProxyHttp`: routes `/export`, passes the rest through.
 //! - [`admin`]: the internal listener (webhooks, health, readiness, metrics).
 //! - [`readiness`]: what `/readyz` checks (listener, dataset server, journal, draining).
@@ -23,7 +25,7 @@
 //! - [`metrics`]: the Prometheus metrics served on the internal listener.
 //! - [`reference`]: the reference dataset server used by `demo` and the tests.
 //!
-//! A request flows one way: proxy → export route → upstream listing → journal (record the
+//! A request flows one way: public listener → proxy → export route → upstream listing → journal (record the
 //! version, plan the sync) → record pipeline (cache or fetch → encode → compress) → response body.
 
 pub mod admin;
@@ -37,6 +39,7 @@ pub mod export;
 pub mod journal;
 pub mod metrics;
 pub mod proxy;
+pub mod public;
 pub mod readiness;
 pub mod reference;
 pub mod server;

@@ -13,11 +13,12 @@ use pingora::modules::http::HttpModules;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The public listener's behaviour. Built once; shared by every request.
 pub struct Sidecar {
-    pub exporter: Exporter,
+    pub exporter: Arc<Exporter>,
     pub target: UpstreamTarget,
     /// `upstream.connect_timeout_ms`, for pass-through too. No read timeout there: upgraded
     /// connections and long polls may rightly stay quiet for long.
@@ -81,45 +82,48 @@ impl ProxyHttp for Sidecar {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        count_request(session);
-        let Some(log) = &ctx.export else { return };
-        let collection = log.collection.as_ref().map(|c| c.to_string()).unwrap_or_default();
-        let bytes = session.body_bytes_sent();
-        let records = log.records.load(std::sync::atomic::Ordering::Relaxed);
-        count_export(log, records, bytes);
-        let duration_ms = log.started.elapsed().as_millis() as u64;
-        let error = e.map(|e| e.to_string()).unwrap_or_default();
-        // One line per export, with every field named; only failures are warnings: a client
-        // leaving is not the operator's concern.
-        macro_rules! export_line {
-            ($level:ident) => {
-                tracing::$level!(
-                    collection,
-                    encoding = log.encoding,
-                    status = log.status,
-                    records,
-                    bytes,
-                    duration_ms,
-                    outcome = log.outcome,
-                    error,
-                    "export"
-                )
-            };
-        }
-        if log.outcome == "failed" {
-            export_line!(warn);
-        } else {
-            export_line!(info);
+        count_request(session.req_header().uri.path(), session.response_written().map(|head| head.status));
+        if let Some(log) = &ctx.export {
+            let error = e.map(|e| e.to_string()).unwrap_or_default();
+            log_export(log, session.body_bytes_sent(), &error);
         }
     }
 }
 
 /// `requests_total` by route and the status sent (`none` when no head went out).
-fn count_request(session: &Session) {
-    let route = route::label(session.req_header().uri.path());
-    let status = session.response_written().map(|head| head.status);
+pub fn count_request(path: &str, status: Option<http::StatusCode>) {
     let status = status.as_ref().map_or("none", |s| s.as_str());
-    metrics::get().requests.with_label_values(&[route, status]).inc();
+    metrics::get().requests.with_label_values(&[route::label(path), status]).inc();
+}
+
+/// The log line and metrics of one export that has ended.
+pub fn log_export(log: &ExportLog, bytes: usize, error: &str) {
+    let collection = log.collection.as_ref().map(|c| c.to_string()).unwrap_or_default();
+    let records = log.records.load(std::sync::atomic::Ordering::Relaxed);
+    count_export(log, records, bytes);
+    let duration_ms = log.started.elapsed().as_millis() as u64;
+    // One line per export, with every field named; only failures are warnings: a client
+    // leaving is not the operator's concern.
+    macro_rules! export_line {
+        ($level:ident) => {
+            tracing::$level!(
+                collection,
+                encoding = log.encoding,
+                status = log.status,
+                records,
+                bytes,
+                duration_ms,
+                outcome = log.outcome,
+                error,
+                "export"
+            )
+        };
+    }
+    if log.outcome == "failed" {
+        export_line!(warn);
+    } else {
+        export_line!(info);
+    }
 }
 
 /// The export metrics. Records, bytes and duration count only exports that sent a body:

@@ -13,6 +13,7 @@ use crate::export::workers::ExportWorkers;
 use crate::export::Exporter;
 use crate::journal::VersionJournal;
 use crate::proxy::Sidecar;
+use crate::public::PublicListener;
 use crate::readiness::Readiness;
 use crate::shutdown::{DrainThenExit, Draining, InFlight};
 use crate::upstream::{Credentials, Upstream};
@@ -40,7 +41,7 @@ pub fn build(config: &Config, in_flight: &InFlight, draining: &Draining) -> Resu
     let refresher =
         Refresher::new(upstream.clone(), Arc::clone(&journal), hub.clone(), service_credentials(config));
     let recent = Arc::new(RecentExports::default());
-    let exporter = Exporter {
+    let exporter = Arc::new(Exporter {
         upstream,
         journal: Arc::clone(&journal),
         recent: Arc::clone(&recent),
@@ -52,7 +53,7 @@ pub fn build(config: &Config, in_flight: &InFlight, draining: &Draining) -> Resu
         slots: ExportSlots::new(config.export.max_concurrent),
         draining: draining.clone(),
         workers: ExportWorkers::start(config.threads(), &config.upstream)?,
-    };
+    });
     let conf = ServerConf {
         threads: config.threads(),
         grace_period_seconds: Some(config.server.grace_period_seconds),
@@ -62,16 +63,15 @@ pub fn build(config: &Config, in_flight: &InFlight, draining: &Draining) -> Resu
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Sidecar {
-            exporter,
-            target: target.clone(),
-            connect_timeout: config.upstream.connect_timeout(),
-            in_flight: in_flight.clone(),
-        },
-        "public",
-    );
+    let sidecar = Sidecar {
+        exporter: Arc::clone(&exporter),
+        target: target.clone(),
+        connect_timeout: config.upstream.connect_timeout(),
+        in_flight: in_flight.clone(),
+    };
+    let proxy = Arc::new(pingora::proxy::http_proxy(&server.configuration, sidecar));
+    let public = PublicListener { proxy, exporter, in_flight: in_flight.clone() };
+    let mut proxy = Service::new("public".to_owned(), public);
     // No read buffer: pingora's 64 KiB default only saves syscalls under TLS, and every idle
     // event-stream subscriber would hold one (measured with `bench events`).
     let buffers = L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE);

@@ -606,7 +606,12 @@ impl RawBody {
 async fn raw_subscribe(addr: SocketAddr, path: &str, receive_buffer: u32) -> EventReader {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(receive_buffer).expect("SO_RCVBUF");
-    let mut stream = timeout(WAIT, socket.connect(addr)).await.expect("connect in time").expect("connect");
+    let stream = timeout(WAIT, socket.connect(addr)).await.expect("connect in time").expect("connect");
+    subscribe_on(stream, addr, path).await
+}
+
+/// Sends the event-stream request for `path` on an open connection and checks the head.
+async fn subscribe_on(mut stream: tokio::net::TcpStream, addr: SocketAddr, path: &str) -> EventReader {
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
     stream.write_all(request.as_bytes()).await.expect("request sent");
     let mut buf = Vec::new();
@@ -634,6 +639,47 @@ async fn raw_subscribe(addr: SocketAddr, path: &str, receive_buffer: u32) -> Eve
         _ => Framing::UntilClose,
     };
     EventReader::new(RawBody { stream, buf: body, framing }.into_stream())
+}
+
+/// A subscription that is not a connection's first request (browsers reuse keep-alive
+/// connections) is served like any other.
+#[tokio::test]
+async fn a_subscription_on_a_reused_connection_gets_the_same_stream() {
+    let stack = Stack::start().await;
+    let c = collection("datasets", "u", "reused");
+    let version = write(&stack, &c, &[("a", Some("v")), ("b", Some("v"))]);
+    let addr = stack.sidecar.public;
+    let mut stream =
+        timeout(WAIT, tokio::net::TcpStream::connect(addr)).await.expect("in time").expect("connect");
+    let request = format!("GET /export/datasets/u:absent?encoding=json HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("first request sent");
+    let mut answer = Vec::new();
+    let complete = |answer: &[u8]| {
+        let end = find(answer, b"\r\n\r\n")? + 4;
+        let head = String::from_utf8_lossy(&answer[..end]).to_ascii_lowercase();
+        let length: usize =
+            head.split("\r\n").find_map(|l| l.strip_prefix("content-length:"))?.trim().parse().ok()?;
+        (answer.len() >= end + length).then_some(head)
+    };
+    let head = loop {
+        if let Some(head) = complete(&answer) {
+            break head;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = timeout(WAIT, stream.read(&mut chunk)).await.expect("answer in time").expect("read");
+        assert!(n > 0, "the connection closed after the first request");
+        answer.extend_from_slice(&chunk[..n]);
+    };
+    assert!(head.starts_with("http/1.1 404"), "{head}");
+    assert!(!head.contains("connection: close"), "the first answer keeps the connection: {head}");
+
+    let mut reader = subscribe_on(stream, addr, &feed("reused")).await;
+    let first = reader.event("the full event on the reused connection").await;
+    assert_eq!((first.id, first.record_ids), (version, ids(&["a", "b"])));
+    let next = write(&stack, &c, &[("c", Some("v"))]);
+    announce(&stack.sidecar, &c).await;
+    let change = reader.event("the change on the reused connection").await;
+    assert_eq!((change.id, change.changed), (next, ids(&["c"])));
 }
 
 /// Writes 5,000 versions in batches with a webhook after each while one subscriber reads along

@@ -12,48 +12,46 @@ use crate::metrics;
 use crate::shutdown::Draining;
 use crate::upstream::Credentials;
 use bytes::Bytes;
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 use rand::Rng;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How a subscriber's request was settled before any head went out.
+pub(crate) enum Opening {
+    /// Answered with this error (401/403/404 as the dataset server gave them, 502/503/504).
+    Refused(ApiError),
+    /// Over the connection cap: a 200 with only the retry hint, then the end.
+    AtCapacity,
+    /// Joined the feed; `first` goes out right after the preamble.
+    Joined { subscription: Subscription, first: Option<Bytes> },
+}
+
+/// Where an event stream's body goes once the head is out: pingora's session, or a socket
+/// served directly (see `socket_feed`).
+pub(crate) trait FeedOutput {
+    /// Writes and flushes one piece of the body; `Err` is the reason the stream must end.
+    async fn send(&mut self, data: Bytes) -> Result<(), &'static str>;
+    /// Resolves once the client has closed the connection; stays pending if that cannot be
+    /// known any more.
+    async fn closed(&mut self);
+}
+
 impl Exporter {
-    /// Opens an event stream: the subscriber's own listing read first (so access errors are
-    /// statuses), then the first event, then one event per new version until it ends.
+    /// Opens an event stream on pingora's session: the subscriber's own listing read first
+    /// (so access errors are statuses), then the first event, then one event per new version.
     pub(super) async fn events(
         &self,
         session: &mut Session,
         log: &mut ExportLog,
         collection: Collection,
     ) -> pingora::Result<()> {
-        log.encoding = "event-stream";
-        let Some(slot) = self.hub.reserve(self.events.max_connections) else {
-            log.outcome = "over_capacity";
-            return at_capacity(session, &self.events).await;
+        let (subscription, first) = match self.open_feed(session.req_header(), log, &collection).await {
+            Opening::Refused(error) => return reject(session, log, &error).await,
+            Opening::AtCapacity => return at_capacity(session, &self.events).await,
+            Opening::Joined { subscription, first } => (subscription, first),
         };
-        let credentials = Credentials::from_headers(&session.req_header().headers);
-        let Some(listing) = self.listing(session, log, &collection, &credentials).await? else {
-            return Ok(());
-        };
-        let (seq, listing) = match record_listing(&self.journal, &collection, listing).await {
-            Ok(recorded) => recorded,
-            Err(e) => {
-                tracing::error!(collection = %collection, error = %e, "version journal failed");
-                let error = ApiError::new(
-                    503,
-                    "journal_unavailable",
-                    "the version journal cannot be used; try again",
-                );
-                return reject(session, log, &error).await;
-            }
-        };
-        let ids = listing.entries.into_iter().map(|e| e.id).collect();
-        let seen = FeedState::new(seq, listing.version, ids);
-        let (subscription, current) = self.hub.join(slot, &collection, seen).await;
-        let resume = resume_point(session);
-        let first = first_event(&self.journal, &collection, resume.as_deref(), &current).await;
-
         log.status = 200;
         session.write_response_header(Box::new(stream_head(session)?), false).await?;
         if session.req_header().method == http::Method::HEAD {
@@ -61,32 +59,100 @@ impl Exporter {
             return session.write_response_body(None, true).await;
         }
         session.set_write_timeout(Some(Duration::from_secs(self.events.write_timeout_seconds)));
-        let mut opening = preamble(&self.events);
-        if let Some(event) = first {
-            opening.extend_from_slice(&event);
+        session.write_response_body(Some(opening(&self.events, first)), false).await?;
+        let mut output = SessionOutput { session, watch_client: true };
+        let ended = deliver(&mut output, &subscription, &self.events, &self.draining).await;
+        if let Err(reason) = finish(log, ended) {
+            return Err(pingora::Error::explain(pingora::ErrorType::WriteError, reason));
         }
-        session.write_response_body(Some(Bytes::from(opening)), false).await?;
-        let ended = deliver(session, &subscription, &self.events, &self.draining).await;
-        log.outcome = match &ended {
-            Ok(reason) => reason,
-            // Blocked past the write timeout; any other failed write means the client left.
-            Err(e) if matches!(e.etype(), pingora::ErrorType::WriteTimedout) => "write_timeout",
-            Err(_) => "client_gone",
-        };
-        metrics::get().disconnects.with_label_values(&[log.outcome]).inc();
-        ended?;
         session.write_response_body(None, true).await
+    }
+
+    /// Everything before the head: a connection slot, the listing read with the subscriber's
+    /// credentials and recorded in the journal, the feed joined, the first event chosen.
+    pub(crate) async fn open_feed(
+        &self,
+        request: &RequestHeader,
+        log: &mut ExportLog,
+        collection: &Collection,
+    ) -> Opening {
+        log.encoding = "event-stream";
+        let Some(slot) = self.hub.reserve(self.events.max_connections) else {
+            log.outcome = "over_capacity";
+            return Opening::AtCapacity;
+        };
+        let credentials = Credentials::from_headers(&request.headers);
+        let listing = match self.fetch_listing(collection, &credentials).await {
+            Ok(listing) => listing,
+            Err(error) => return Opening::Refused(error),
+        };
+        let (seq, listing) = match record_listing(&self.journal, collection, listing).await {
+            Ok(recorded) => recorded,
+            Err(e) => {
+                tracing::error!(collection = %collection, error = %e, "version journal failed");
+                let message = "the version journal cannot be used; try again";
+                return Opening::Refused(ApiError::new(503, "journal_unavailable", message));
+            }
+        };
+        let ids = listing.entries.into_iter().map(|e| e.id).collect();
+        let seen = FeedState::new(seq, listing.version, ids);
+        let (subscription, current) = self.hub.join(slot, collection, seen).await;
+        let resume = resume_point(request);
+        let first = first_event(&self.journal, collection, resume.as_deref(), &current).await;
+        Opening::Joined { subscription, first }
+    }
+}
+
+/// Records how a delivered stream ended; `Err` carries the reason when it must be aborted
+/// rather than ended cleanly.
+pub(crate) fn finish(
+    log: &mut ExportLog,
+    ended: Result<&'static str, &'static str>,
+) -> Result<(), &'static str> {
+    let reason = ended.unwrap_or_else(|reason| reason);
+    log.outcome = reason;
+    metrics::get().disconnects.with_label_values(&[reason]).inc();
+    ended.map(drop)
+}
+
+/// pingora's session as a feed output.
+struct SessionOutput<'a> {
+    session: &'a mut Session,
+    watch_client: bool,
+}
+
+impl FeedOutput for SessionOutput<'_> {
+    async fn send(&mut self, data: Bytes) -> Result<(), &'static str> {
+        self.session.write_response_body(Some(data), false).await.map_err(|e| {
+            // Blocked past the write timeout; any other failed write means the client left.
+            match e.etype() {
+                pingora::ErrorType::WriteTimedout => "write_timeout",
+                _ => "client_gone",
+            }
+        })
+    }
+
+    async fn closed(&mut self) {
+        while self.watch_client {
+            match self.session.read_body_or_idle(false).await {
+                Err(_) => return,
+                // A half-closed client may still read; stop watching rather than spin.
+                Ok(None) => self.watch_client = false,
+                Ok(Some(_)) => {}
+            }
+        }
+        std::future::pending::<()>().await;
     }
 }
 
 /// The resume point: `Last-Event-ID`, or `last_event_id` in the query (browsers cannot set
 /// the header on a first connection).
-fn resume_point(session: &Session) -> Option<String> {
-    let header = session.req_header().headers.get("last-event-id").and_then(|v| v.to_str().ok());
+fn resume_point(request: &RequestHeader) -> Option<String> {
+    let header = request.headers.get("last-event-id").and_then(|v| v.to_str().ok());
     if let Some(id) = header.filter(|id| !id.is_empty()) {
         return Some(id.to_owned());
     }
-    let query = session.req_header().uri.query()?;
+    let query = request.uri.query()?;
     url::form_urlencoded::parse(query.as_bytes())
         .find(|(key, value)| key == "last_event_id" && !value.is_empty())
         .map(|(_, value)| value.into_owned())
@@ -152,9 +218,18 @@ fn stream_head(session: &Session) -> pingora::Result<ResponseHeader> {
 
 /// A comment (so proxies that wait for a first body byte pass the head on) and the reconnection
 /// hint, jittered so clients dropped together do not come back together.
-fn preamble(config: &EventsConfig) -> Vec<u8> {
+pub(crate) fn preamble(config: &EventsConfig) -> Vec<u8> {
     let retry = rand::rng().random_range(config.retry_ms..config.retry_ms * 2);
     format!(": export-sidecar change feed\nretry: {retry}\n\n").into_bytes()
+}
+
+/// The first body bytes of a joined stream: the preamble and the first event, if any.
+pub(crate) fn opening(config: &EventsConfig, first: Option<Bytes>) -> Bytes {
+    let mut opening = preamble(config);
+    if let Some(event) = first {
+        opening.extend_from_slice(&event);
+    }
+    Bytes::from(opening)
 }
 
 /// Over the connection cap: 200 with a retry hint and an immediate end. Any other status makes
@@ -167,15 +242,14 @@ async fn at_capacity(session: &mut Session, config: &EventsConfig) -> pingora::R
     session.write_response_body(Some(Bytes::from(preamble(config))), true).await
 }
 
-/// Delivers events and heartbeats until the stream should end cleanly; returns why it ended.
-/// A client that cannot take a write within the write timeout makes this return `Err`, which
-/// drops the connection.
-async fn deliver(
-    session: &mut Session,
+/// Delivers events and heartbeats until the stream ends; `Ok` is a reason to end it cleanly,
+/// `Err` one to drop the connection (the client left or took no write within the timeout).
+pub(crate) async fn deliver(
+    output: &mut impl FeedOutput,
     subscription: &Subscription,
     config: &EventsConfig,
     draining: &Draining,
-) -> pingora::Result<&'static str> {
+) -> Result<&'static str, &'static str> {
     let heartbeat_every = Duration::from_secs(config.heartbeat_seconds);
     let mut heartbeat =
         tokio::time::interval_at(tokio::time::Instant::now() + heartbeat_every, heartbeat_every);
@@ -184,28 +258,21 @@ async fn deliver(
     let lifetime = lifetime(config);
     let ends = tokio::time::sleep(lifetime.unwrap_or(Duration::MAX / 4));
     tokio::pin!(ends);
-    let mut watch_client = true;
     loop {
         tokio::select! {
             _ = subscription.mailbox.ready() => {
                 if let Some((event, noticed)) = subscription.mailbox.take() {
-                    session.write_response_body(Some(event), false).await?;
+                    output.send(event).await?;
                     heartbeat.reset();
                     let metrics = metrics::get();
                     metrics.events_delivered.inc();
                     metrics.delivery_latency.observe(noticed.elapsed().as_secs_f64());
                 }
             }
-            _ = heartbeat.tick() => {
-                session.write_response_body(Some(Bytes::from_static(b": heartbeat\n\n")), false).await?;
-            }
+            _ = heartbeat.tick() => output.send(Bytes::from_static(b": heartbeat\n\n")).await?,
             _ = &mut ends, if lifetime.is_some() => return Ok("lifetime"),
             () = &mut closed => return Ok("shutdown"),
-            read = session.read_body_or_idle(false), if watch_client => match read {
-                Err(_) => return Ok("client_gone"),
-                Ok(None) => watch_client = false,
-                Ok(Some(_)) => {}
-            },
+            () = output.closed() => return Err("client_gone"),
         }
     }
 }

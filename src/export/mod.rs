@@ -14,6 +14,7 @@ pub mod plan;
 pub mod records;
 pub mod response;
 pub mod route;
+pub mod socket_feed;
 pub mod workers;
 pub mod zip;
 pub mod zipfile;
@@ -251,7 +252,7 @@ impl Exporter {
     }
 
     /// The collection's listing read with the client's credentials, or `None` when the client
-    /// has been answered with the failure (401/403/404 as they came, 502/504 for faults).
+    /// has been answered with the failure.
     async fn listing(
         &self,
         session: &mut Session,
@@ -259,10 +260,23 @@ impl Exporter {
         collection: &Collection,
         credentials: &Credentials,
     ) -> pingora::Result<Option<Listing>> {
+        match self.fetch_listing(collection, credentials).await {
+            Ok(listing) => Ok(Some(listing)),
+            Err(error) => reject(session, log, &error).await.map(|()| None),
+        }
+    }
+
+    /// The collection's listing read with the client's credentials, or the error to answer
+    /// with: 401/403/404 as they came, 502/504 for faults.
+    async fn fetch_listing(
+        &self,
+        collection: &Collection,
+        credentials: &Credentials,
+    ) -> Result<Listing, ApiError> {
         match self.upstream.listing(collection, credentials).await {
             Ok(listing) => {
                 self.recent.touch(collection);
-                Ok(Some(listing))
+                Ok(listing)
             }
             Err(e) => {
                 if e.is_refusal() {
@@ -270,8 +284,7 @@ impl Exporter {
                 } else {
                     tracing::warn!(collection = %collection, error = %e, "listing failed");
                 }
-                let error = e.to_api_error(&format!("the listing of {collection}"));
-                reject(session, log, &error).await.map(|()| None)
+                Err(e.to_api_error(&format!("the listing of {collection}")))
             }
         }
     }
