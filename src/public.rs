@@ -5,7 +5,7 @@ use crate::collection::Collection;
 use crate::export::route::{self, ExportKind};
 use crate::export::{ExportLog, Exporter};
 use crate::proxy::{count_request, log_export, Sidecar};
-use crate::shutdown::InFlight;
+use crate::shutdown::{InFlight, InFlightGuard};
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::http::RequestHeader;
@@ -13,6 +13,7 @@ use pingora::protocols::l4::stream::Stream as TcpStream;
 use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
@@ -49,12 +50,23 @@ impl ServerApp for PublicListener {
             }
             _ = stopping.changed() => return None,
         }
+        let mut tcp = into_tcp(stream)?;
         if let Some((request, collection)) = feed_request(&head) {
-            drop(head);
-            self.serve_feed(stream, request, collection).await;
-            return None;
+            match detach(tcp) {
+                Ok(socket) => {
+                    // A task of its own: pingora's task for this connection, and this future,
+                    // would otherwise stay allocated for as long as the subscriber stays.
+                    let (listener, in_flight) = (Arc::clone(self), self.in_flight.enter());
+                    tokio::spawn(
+                        async move { listener.serve_feed(socket, request, collection, in_flight).await },
+                    );
+                    return None;
+                }
+                Err(kept) => tcp = kept,
+            }
         }
-        let stream = rewound(stream, &head)?;
+        tcp.rewind(&head);
+        let stream: Stream = tcp;
         drop(head);
         self.proxy.process_new(stream, shutdown).await
     }
@@ -65,8 +77,13 @@ impl ServerApp for PublicListener {
 }
 
 impl PublicListener {
-    async fn serve_feed(&self, stream: Stream, request: RequestHeader, collection: Collection) {
-        let _in_flight = self.in_flight.enter();
+    async fn serve_feed(
+        &self,
+        stream: tokio::net::TcpStream,
+        request: RequestHeader,
+        collection: Collection,
+        _in_flight: InFlightGuard,
+    ) {
         let path = request.uri.path().to_owned();
         let mut log = ExportLog::new();
         let sent = self.exporter.serve_feed_on_socket(stream, request, collection, &mut log).await;
@@ -125,19 +142,30 @@ fn feed_request(head: &[u8]) -> Option<(RequestHeader, Collection)> {
     Some((header, request.collection))
 }
 
-/// `stream` with the bytes already read from it put back, for pingora to read them again.
-fn rewound(stream: Stream, head: &[u8]) -> Option<Stream> {
-    match stream.into_any().downcast::<TcpStream>() {
-        Ok(mut tcp) => {
-            tcp.rewind(head);
-            Some(tcp)
-        }
-        Err(_) => {
-            // The public listener is plain TCP; any other stream is a wiring mistake.
-            tracing::error!("the public listener got a connection that is not TCP; closing it");
-            None
-        }
+/// The public listener is plain TCP; any other stream is a wiring mistake.
+fn into_tcp(stream: Stream) -> Option<Box<TcpStream>> {
+    let tcp = stream.into_any().downcast::<TcpStream>().ok();
+    if tcp.is_none() {
+        tracing::error!("the public listener got a connection that is not TCP; closing it");
     }
+    tcp
+}
+
+/// The connection's socket on its own, without pingora's stream around it (its write buffer,
+/// digests and registration: about 2 KB an idle subscriber would hold for nothing). Only
+/// called with nothing buffered: the head was read unbuffered and nothing was written. If the
+/// descriptor cannot be duplicated (no descriptors left), the stream is handed back.
+fn detach(tcp: Box<TcpStream>) -> Result<tokio::net::TcpStream, Box<TcpStream>> {
+    // SAFETY: the descriptor is open and owned by `tcp`, which outlives this borrow.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) };
+    let Ok(owned) = borrowed.try_clone_to_owned() else { return Err(tcp) };
+    let Ok(socket) = tokio::net::TcpStream::from_std(std::net::TcpStream::from(owned)) else {
+        return Err(tcp);
+    };
+    // Closing pingora's descriptor leaves the connection open on the duplicate, which shares
+    // its non-blocking mode.
+    drop(tcp);
+    Ok(socket)
 }
 
 #[cfg(test)]

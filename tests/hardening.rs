@@ -547,6 +547,51 @@ fn stalling_collections(stack: &Stack) {
     stack.store().set_fault(&films, "r00030", Some(RecordFault::Delay(Duration::from_secs(60))));
 }
 
+/// Event streams served on their socket hold a duplicate of pingora's descriptor: when their
+/// clients leave, every descriptor and the subscriber count must go back to where they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_leaving_leave_no_descriptors_behind() {
+    let (_dir, stack) = start_with_config("").await;
+    stack.store().write(&collection("datasets", "a", "feed"), numbered(5));
+    let pid = stack.sidecar.pid();
+    let subscribers = "export_sidecar_sse_subscribers";
+    let (baseline, _) = descriptors(pid);
+    let mut sockets = Vec::new();
+    for _ in 0..100 {
+        let mut socket = tokio::net::TcpStream::connect(stack.sidecar.public).await.expect("connect");
+        let request = "GET /export/datasets/a:feed/event-stream HTTP/1.1\r\nHost: x\r\n\r\n";
+        socket.write_all(request.as_bytes()).await.expect("request sent");
+        let mut first = [0u8; 512];
+        let read = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut first)).await;
+        let read = read.expect("an answer in time").expect("read");
+        assert!(first[..read].starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&first[..read]));
+        sockets.push(socket);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&stack.sidecar, subscribers).await != Some(100.0) {
+        assert!(Instant::now() < deadline, "100 subscribers joined");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (open, _) = descriptors(pid);
+    assert!(open >= baseline + 100, "one descriptor per subscriber: {open} vs {baseline} before");
+    assert!(open <= baseline + 100 + 16, "no second descriptor per subscriber: {open} vs {baseline} before");
+    drop(sockets);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (open, _) = descriptors(pid);
+        let joined = metric(&stack.sidecar, subscribers).await;
+        if joined == Some(0.0) && open <= baseline + 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{joined:?} subscribers and {open} descriptors left; {baseline} before"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_clients_leaving_mid_export_leave_nothing_behind() {
     let spool = tempfile::tempdir().expect("spool dir");

@@ -81,6 +81,7 @@ impl Exporter {
             log.outcome = "over_capacity";
             return Opening::AtCapacity;
         };
+        let _turn = self.hub.joining_turn().await;
         let credentials = Credentials::from_headers(&request.headers);
         let listing = match self.fetch_listing(collection, &credentials).await {
             Ok(listing) => listing,

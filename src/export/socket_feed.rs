@@ -7,17 +7,17 @@ use crate::collection::Collection;
 use crate::error::ApiError;
 use bytes::{Buf, Bytes};
 use pingora::http::RequestHeader;
-use pingora::protocols::Stream;
 use std::fmt::Write as _;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 impl Exporter {
     /// Answers the event-stream `request`, the first request read from `stream`, and closes
     /// the connection when the stream ends. Returns the body bytes sent, for the log line.
     pub async fn serve_feed_on_socket(
         &self,
-        stream: Stream,
+        stream: TcpStream,
         request: RequestHeader,
         collection: Collection,
         log: &mut ExportLog,
@@ -25,40 +25,41 @@ impl Exporter {
         log.collection = Some(collection.clone());
         let write_timeout = Duration::from_secs(self.events.write_timeout_seconds);
         let mut output = SocketOutput { stream, write_timeout, sent: 0 };
-        // Boxed: the listing read and journal write are large futures that would otherwise
-        // stay allocated with this one for the stream's whole life.
+        // The stream's future lives as long as the subscriber and is as large as its largest
+        // step: the steps before delivery (listing read, journal write, head) are boxed so
+        // their memory is freed once they are done.
         let opened = Box::pin(self.open_feed(&request, log, &collection)).await;
         drop(request);
         match opened {
             Opening::Refused(error) => {
                 log.status = error.status;
                 log.outcome = "rejected";
-                let _ = output.write(error_response(&error)).await;
+                let _ = Box::pin(output.write(error_response(&error))).await;
             }
             Opening::AtCapacity => {
-                let _ = output.start(&preamble(&self.events), None).await;
-                let _ = output.write(&b"0\r\n\r\n"[..]).await;
+                let _ = Box::pin(output.start(&preamble(&self.events), None)).await;
+                let _ = Box::pin(output.write(&b"0\r\n\r\n"[..])).await;
             }
             Opening::Joined { subscription, first } => {
                 log.status = 200;
-                let started = output.start(&preamble(&self.events), first).await;
+                let started = Box::pin(output.start(&preamble(&self.events), first)).await;
                 let ended = match started {
                     Ok(()) => deliver(&mut output, &subscription, &self.events, &self.draining).await,
                     Err(reason) => Err(reason),
                 };
                 if finish(log, ended).is_ok() {
-                    let _ = output.write(&b"0\r\n\r\n"[..]).await;
+                    let _ = Box::pin(output.write(&b"0\r\n\r\n"[..])).await;
                 }
             }
         }
-        pingora::protocols::Shutdown::shutdown(output.stream.as_mut()).await;
+        let _ = output.stream.shutdown().await;
         output.sent
     }
 }
 
 /// The socket of an event stream: a chunked body, and the connection closed after it.
 struct SocketOutput {
-    stream: Stream,
+    stream: TcpStream,
     write_timeout: Duration,
     /// Body bytes sent, without the chunk framing.
     sent: usize,
