@@ -17,23 +17,36 @@ async fn subscriber(addr: SocketAddr, path: String, ids: mpsc::UnboundedSender<(
         return;
     }
     let mut buffer = vec![0u8; 64 * 1024];
-    let mut carry = Vec::new();
+    // The first bytes of the line being read: enough to see an `id:` line, without copying
+    // the long `data:` lines (the load generator shares the machine with the sidecar).
+    let mut line = Vec::with_capacity(LINE_PREFIX);
     while let Ok(n) = socket.read(&mut buffer).await {
         if n == 0 {
             return;
         }
         let at = Instant::now();
-        carry.extend_from_slice(&buffer[..n]);
-        while let Some(end) = carry.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = carry.drain(..=end).collect();
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', &buffer[..n]) {
+            keep_prefix(&mut line, &buffer[start..end]);
             if let Some(id) = line.strip_prefix(b"id: ") {
                 let id = String::from_utf8_lossy(id).trim().to_owned();
                 if ids.send((id, at)).is_err() {
                     return;
                 }
             }
+            line.clear();
+            start = end + 1;
         }
+        keep_prefix(&mut line, &buffer[start..n]);
     }
+}
+
+/// How much of a line `subscriber` keeps: more than any event id it is sent.
+const LINE_PREFIX: usize = 64;
+
+fn keep_prefix(line: &mut Vec<u8>, more: &[u8]) {
+    let room = LINE_PREFIX.saturating_sub(line.len());
+    line.extend_from_slice(&more[..more.len().min(room)]);
 }
 
 pub async fn events(
