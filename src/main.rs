@@ -168,7 +168,8 @@ fn demo(args: DemoArgs) -> Result<(), String> {
     config.listen.internal = args.internal_listen;
     config.changes.webhook_secret = DEMO_WEBHOOK_SECRET.to_owned();
     config.changes.upstream_authorization = format!("Bearer {DEMO_TOKEN}");
-    config.journal.path = fresh_demo_journal()?;
+    let journal_dir = demo_journal_dir()?;
+    config.journal.path = journal_dir.path().join("journal.sqlite");
     config.validate().map_err(|e| e.to_string())?;
     // Seeded once the sidecar listens, so the seed's webhooks reach it.
     let store = reference.store().clone();
@@ -179,22 +180,18 @@ fn demo(args: DemoArgs) -> Result<(), String> {
     print_demo_help(&reference.url(), args.listen, args.internal_listen);
     let result = server::run(&config).map_err(|e| e.to_string());
     drop(runtime);
+    drop(journal_dir);
     result
 }
 
 /// The demo's reference server starts empty, so versions from an earlier run would name other
-/// states: each demo starts with an empty journal.
-fn fresh_demo_journal() -> Result<PathBuf, String> {
-    let path = std::env::temp_dir().join("export-sidecar-demo-journal.sqlite");
-    for suffix in ["", "-wal", "-shm"] {
-        let file = PathBuf::from(format!("{}{suffix}", path.display()));
-        match std::fs::remove_file(&file) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("cannot remove the old demo journal {}: {e}", file.display())),
-        }
-    }
-    Ok(path)
+/// states: each demo gets an empty journal in a directory of its own, removed when it ends, so
+/// a second demo (on other ports) never touches the first one's.
+fn demo_journal_dir() -> Result<tempfile::TempDir, String> {
+    tempfile::Builder::new()
+        .prefix("export-sidecar-demo-")
+        .tempdir()
+        .map_err(|e| format!("cannot create a directory for the demo journal: {e}"))
 }
 
 async fn wait_for_listener(addr: SocketAddr) {

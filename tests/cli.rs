@@ -75,32 +75,53 @@ async fn sigterm_exits_once_nothing_is_in_flight() {
     assert!(started.elapsed() < Duration::from_secs(20));
 }
 
-#[tokio::test]
-async fn the_demo_serves_its_sample_collections() {
-    let (public, internal) = (free_port(), free_port());
-    let mut demo = sidecar()
+fn start_demo(public: std::net::SocketAddr, internal: std::net::SocketAddr) -> std::process::Child {
+    sidecar()
         .args(["demo", "--listen", &public.to_string(), "--internal-listen", &internal.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("demo starts");
-    let client = common::client();
+        .expect("demo starts")
+}
+
+/// Waits until the demo on `public` serves `demo:animals`; returns the body.
+async fn demo_animals(client: &reqwest::Client, public: std::net::SocketAddr) -> String {
     let url = format!("http://{public}/export/datasets/demo:animals?encoding=json-lines");
     let deadline = Instant::now() + Duration::from_secs(30);
-    let body = loop {
+    loop {
         assert!(Instant::now() < deadline, "the demo did not serve its collection in 30 s");
         if let Ok(response) = client.get(&url).send().await {
             if response.status() == 200 {
-                break response.text().await.expect("body");
+                return response.text().await.expect("body");
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    }
+}
+
+#[tokio::test]
+async fn the_demo_serves_its_sample_collections() {
+    let (public, internal) = (free_port(), free_port());
+    let mut demo = start_demo(public, internal);
+    let client = common::client();
+    let body = demo_animals(&client, public).await;
     assert!(body.lines().count() > 400, "demo:animals holds hundreds of records");
     let private = format!("http://{public}/export/datasets/private:diary?encoding=json");
     assert_eq!(client.get(&private).send().await.expect("sent").status(), 401);
     let with_token = client.get(&private).bearer_auth("demo-token").send().await.expect("sent");
     assert_eq!(with_token.status(), 200);
-    let _ = demo.kill();
-    let _ = demo.wait();
+
+    // A second demo, on other ports or failing on these, leaves the first one's journal alone.
+    let (other_public, other_internal) = (free_port(), free_port());
+    let mut other = start_demo(other_public, other_internal);
+    demo_animals(&client, other_public).await;
+    let mut clash = start_demo(public, internal);
+    let clash_exit = clash.wait().expect("the clashing demo exits");
+    assert!(!clash_exit.success(), "a demo on busy ports fails");
+    let ready = client.get(format!("http://{internal}/readyz")).send().await.expect("sent");
+    assert_eq!(ready.status(), 200, "{}", ready.text().await.unwrap_or_default());
+    for child in [&mut demo, &mut other] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }

@@ -682,6 +682,31 @@ async fn a_subscription_on_a_reused_connection_gets_the_same_stream() {
     assert_eq!((change.id, change.changed), (next, ids(&["c"])));
 }
 
+/// HTTP/1.0 has no chunked framing: the stream's body ends with the connection, so the head
+/// must not promise to keep it, whatever the client asked for.
+#[tokio::test]
+async fn an_http_1_0_stream_says_the_connection_closes() {
+    let stack = Stack::start().await;
+    write(&stack, &collection("datasets", "u", "old"), &[("a", Some("v"))]);
+    let addr = stack.sidecar.public;
+    let mut stream =
+        timeout(WAIT, tokio::net::TcpStream::connect(addr)).await.expect("in time").expect("connect");
+    let request = format!("GET {} HTTP/1.0\r\nHost: {addr}\r\nConnection: keep-alive\r\n\r\n", feed("old"));
+    stream.write_all(request.as_bytes()).await.expect("request sent");
+    let mut answer = Vec::new();
+    while find(&answer, b"\r\n\r\n").is_none() {
+        let mut chunk = [0u8; 4096];
+        let n = timeout(WAIT, stream.read(&mut chunk)).await.expect("head in time").expect("read");
+        assert!(n > 0, "closed before the head");
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    let head = head.split("\r\n\r\n").next().unwrap_or_default().to_owned();
+    assert!(head.starts_with("http/1.1 200") || head.starts_with("http/1.0 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(!head.contains("keep-alive") && !head.contains("transfer-encoding"), "{head}");
+}
+
 /// Writes 5,000 versions in batches with a webhook after each while one subscriber reads along
 /// and another has stopped reading; then the stalled one resumes (reconnecting from its last
 /// event id if the sidecar dropped it) and must learn of every id written.

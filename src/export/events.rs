@@ -53,6 +53,10 @@ impl Exporter {
             Opening::Joined { subscription, first } => (subscription, first),
         };
         log.status = 200;
+        if session.req_header().version == http::Version::HTTP_10 {
+            // Its body ends only when the connection closes (no chunked framing in HTTP/1.0).
+            session.set_keepalive(None);
+        }
         session.write_response_header(Box::new(stream_head(session)?), false).await?;
         if session.req_header().method == http::Method::HEAD {
             log.outcome = "complete";
