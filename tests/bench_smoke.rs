@@ -35,3 +35,24 @@ fn bench_exports_runs_at_a_smoke_size_and_writes_every_figure() {
         .is_some());
     assert!(results["peak_rss"]["peak_rss_kib"].as_u64().is_some_and(|k| k > 0));
 }
+
+#[test]
+fn bench_events_runs_at_a_smoke_size_and_writes_every_figure() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json = dir.path().join("bench-events.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["events", "--subscribers", "20", "--records", "50", "--rounds", "2"])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("bench runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("JSON written")).expect("valid JSON");
+    // At this size the RSS growth may round to nothing; it only has to be there.
+    assert!(results["bytes_per_idle_subscriber"].as_f64().is_some(), "{results}");
+    for figure in ["last_delivery_p99_ms", "floor_delivery_p50_ms", "floor_last_delivery_p99_ms"] {
+        assert!(results[figure].as_f64().is_some_and(|v| v > 0.0), "{figure} in {results}");
+    }
+}

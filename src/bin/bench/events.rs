@@ -6,7 +6,7 @@ use export_sidecar::reference::{CollectionId, ReferenceConfig, ReferenceServer};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 /// Opens one raw event-stream connection and reports the time each `id:` line arrives.
@@ -75,26 +75,10 @@ pub async fn events(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = sidecar.rss_kib();
 
+    let path = "/export/datasets/bench:feed/event-stream";
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let path = "/export/datasets/bench:feed/event-stream".to_owned();
     let opened = Instant::now();
-    let mut first_events = 0;
-    while first_events < subscribers {
-        let this_batch = batch.min(subscribers - first_events);
-        for _ in 0..this_batch {
-            tokio::spawn(subscriber(sidecar.public, path.clone(), tx.clone()));
-        }
-        for _ in 0..this_batch {
-            match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-                Ok(Some(_)) => first_events += 1,
-                _ => {
-                    return Err(format!(
-                        "only {first_events} of {subscribers} subscribers got their first event"
-                    ))
-                }
-            }
-        }
-    }
+    let held = connect(sidecar.public, path, subscribers, batch, &tx, &mut rx).await?;
     let connect_seconds = opened.elapsed().as_secs_f64();
     let rss_connected = sidecar.rss_kib();
     // Idle worker threads of the connect burst retire after about 10 s; what stays is the
@@ -104,36 +88,23 @@ pub async fn events(
 
     let client = reqwest::Client::new();
     let hook = format!("http://{}/hooks/changes", sidecar.internal);
-    let (mut every, mut last) = (Vec::new(), Vec::new());
-    for round in 0..rounds {
-        let id = format!("r{:06}", round % records);
-        let version = reference
-            .store()
-            .write(&collection, vec![(id, Some(value(records + round).map_err(|e| e.to_string())?))]);
-        let sent = Instant::now();
-        client
-            .post(&hook)
-            .body(r#"{"realm":"datasets","user":"bench","name":"feed"}"#)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut delivered = 0;
-        let mut latest = 0.0f64;
-        while delivered < subscribers {
-            let Ok(Some((event, at))) = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await else {
-                return Err(format!("round {round}: {delivered} of {subscribers} deliveries"));
-            };
-            if event == version.to_string() {
-                let latency = at.saturating_duration_since(sent).as_secs_f64();
-                every.push(latency);
-                latest = latest.max(latency);
-                delivered += 1;
-            }
+    let (every, last) = deliveries(&mut rx, subscribers, rounds, |round| {
+        let (id, value) = (format!("r{:06}", round % records), value(records + round));
+        let (client, hook, store, collection) = (&client, &hook, reference.store(), &collection);
+        async move {
+            let value = value.map_err(|e| e.to_string())?;
+            let version = store.write(collection, vec![(id, Some(value))]);
+            let sent = Instant::now();
+            let body = r#"{"realm":"datasets","user":"bench","name":"feed"}"#;
+            client.post(hook).body(body).send().await.map_err(|e| e.to_string())?;
+            Ok((version.to_string(), sent))
         }
-        last.push(latest);
-    }
-    every.sort_by(f64::total_cmp);
-    last.sort_by(f64::total_cmp);
+    })
+    .await?;
+    held.iter().for_each(tokio::task::JoinHandle::abort);
+    drop(sidecar);
+
+    let (floor_every, floor_last) = floor(subscribers, records, rounds, batch).await?;
     let per_subscriber = (rss_idle.saturating_sub(rss_before) as f64 * 1024.0) / subscribers as f64;
     let results = serde_json::json!({
         "subscribers": subscribers,
@@ -149,9 +120,167 @@ pub async fn events(
         "delivery_p99_ms": percentile(&every, 0.99) * 1e3,
         "last_delivery_p50_ms": percentile(&last, 0.5) * 1e3,
         "last_delivery_p99_ms": percentile(&last, 0.99) * 1e3,
+        "floor_delivery_p50_ms": percentile(&floor_every, 0.5) * 1e3,
+        "floor_delivery_p99_ms": percentile(&floor_every, 0.99) * 1e3,
+        "floor_last_delivery_p50_ms": percentile(&floor_last, 0.5) * 1e3,
+        "floor_last_delivery_p99_ms": percentile(&floor_last, 0.99) * 1e3,
     });
     print_table(&results);
     write_json(&json, &results)
+}
+
+type Deliveries = mpsc::UnboundedReceiver<(String, Instant)>;
+
+/// Connects `subscribers` to `addr`, `batch` at a time, and waits for each one's first event.
+/// Returns their tasks, which hold the connections.
+async fn connect(
+    addr: SocketAddr,
+    path: &str,
+    subscribers: usize,
+    batch: usize,
+    tx: &mpsc::UnboundedSender<(String, Instant)>,
+    rx: &mut Deliveries,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
+    let mut held = Vec::with_capacity(subscribers);
+    while held.len() < subscribers {
+        let this_batch = batch.min(subscribers - held.len());
+        for _ in 0..this_batch {
+            held.push(tokio::spawn(subscriber(addr, path.to_owned(), tx.clone())));
+        }
+        for _ in 0..this_batch {
+            if !matches!(tokio::time::timeout(Duration::from_secs(60), rx.recv()).await, Ok(Some(_))) {
+                return Err(format!("only some of {subscribers} subscribers got their first event"));
+            }
+        }
+    }
+    Ok(held)
+}
+
+/// Times `rounds` changes, each made by `change(round)`, which returns the event id it will
+/// produce and when it was made: the latency of every delivery, and of each round's last.
+async fn deliveries<F, Fut>(
+    rx: &mut Deliveries,
+    subscribers: usize,
+    rounds: usize,
+    mut change: F,
+) -> Result<(Vec<f64>, Vec<f64>), String>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<(String, Instant), String>>,
+{
+    let (mut every, mut last) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (version, sent) = change(round).await?;
+        let mut delivered = 0;
+        let mut latest = 0.0f64;
+        while delivered < subscribers {
+            let Ok(Some((event, at))) = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await else {
+                return Err(format!("round {round}: {delivered} of {subscribers} deliveries"));
+            };
+            if event == version {
+                let latency = at.saturating_duration_since(sent).as_secs_f64();
+                every.push(latency);
+                latest = latest.max(latency);
+                delivered += 1;
+            }
+        }
+        last.push(latest);
+    }
+    every.sort_by(f64::total_cmp);
+    last.sort_by(f64::total_cmp);
+    Ok((every, last))
+}
+
+/// The same fan-out without the sidecar: a bare server (`floor-server`, a process of its own
+/// like the sidecar) writes each event, the same size as the sidecar's, to every subscriber:
+/// what this machine and this load generator allow.
+async fn floor(
+    subscribers: usize,
+    records: usize,
+    rounds: usize,
+    batch: usize,
+) -> Result<(Vec<f64>, Vec<f64>), String> {
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut server = tokio::process::Command::new(me)
+        .args(["floor-server", "--records", &records.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start the floor server: {e}"))?;
+    let (Some(control), Some(out)) = (server.stdin.take(), server.stdout.take()) else {
+        return Err("the floor server has no stdin or stdout".into());
+    };
+    let mut addr = String::new();
+    tokio::io::BufReader::new(out).read_line(&mut addr).await.map_err(|e| e.to_string())?;
+    let addr: SocketAddr = addr.trim().parse().map_err(|e| format!("floor server address: {e}"))?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let held = connect(addr, "/", subscribers, batch, &tx, &mut rx).await?;
+    let control = std::sync::Arc::new(tokio::sync::Mutex::new(control));
+    let measured = deliveries(&mut rx, subscribers, rounds, |round| {
+        let version = format!("floor-{round}");
+        let control = std::sync::Arc::clone(&control);
+        async move {
+            let sent = Instant::now();
+            control
+                .lock()
+                .await
+                .write_all(format!("{version}\n").as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((version, sent))
+        }
+    })
+    .await;
+    held.iter().for_each(tokio::task::JoinHandle::abort);
+    measured
+}
+
+/// `floor-server`: serves `GET`s of anything as an event stream and, for each version read
+/// from stdin, sends every connection one event listing `records` ids.
+pub async fn floor_server(records: usize) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    println!("{}", listener.local_addr().map_err(|e| e.to_string())?);
+    let (events, _) = tokio::sync::watch::channel(bytes::Bytes::from_static(b"id: first\n\n"));
+    let sender = events.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(floor_connection(socket, sender.subscribe()));
+        }
+    });
+    let ids: Vec<String> = (0..records).map(|i| format!("\"r{i:06}\"")).collect();
+    let ids = ids.join(",");
+    let mut versions = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Some(version) = versions.next_line().await.map_err(|e| e.to_string())? {
+        let data = format!("{{\"version\":\"{version}\",\"recordIDs\":[{ids}],\"changed\":[\"r000000\"]}}");
+        events.send_replace(bytes::Bytes::from(format!("id: {version}\ndata: {data}\n\n")));
+    }
+    Ok(())
+}
+
+async fn floor_connection(
+    mut socket: tokio::net::TcpStream,
+    mut events: tokio::sync::watch::Receiver<bytes::Bytes>,
+) {
+    let mut head = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match socket.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buffer[..n]),
+        }
+    }
+    let first = events.borrow_and_update().clone();
+    let start = [&b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n"[..], &first].concat();
+    if socket.write_all(&start).await.is_err() {
+        return;
+    }
+    while events.changed().await.is_ok() {
+        let event = events.borrow_and_update().clone();
+        if socket.write_all(&event).await.is_err() {
+            return;
+        }
+    }
 }
 
 fn print_table(results: &serde_json::Value) {

@@ -46,6 +46,13 @@ enum Bench {
         #[arg(long, default_value = "bench-events.json")]
         json: PathBuf,
     },
+    /// The bare fan-out server `events` compares the sidecar with, run as its own process:
+    /// prints its address, then sends every subscriber an event per version read from stdin.
+    #[command(hide = true)]
+    FloorServer {
+        #[arg(long)]
+        records: usize,
+    },
 }
 
 fn main() -> Result<(), String> {
@@ -56,5 +63,6 @@ fn main() -> Result<(), String> {
         Bench::Events { subscribers, records, rounds, batch, json } => {
             runtime.block_on(events::events(subscribers, records, rounds, batch.max(1), json))
         }
+        Bench::FloorServer { records } => runtime.block_on(events::floor_server(records)),
     }
 }
