@@ -3,24 +3,42 @@
 
 use std::process::Command;
 
-#[test]
-fn bench_exports_runs_at_a_smoke_size_and_writes_every_figure() {
+/// Runs the harness with `args`; returns what it printed and the JSON it wrote.
+fn run_bench(args: &[&str]) -> (String, serde_json::Value) {
     let dir = tempfile::tempdir().expect("temp dir");
     let json = dir.path().join("bench.json");
     let output = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args(["exports", "--records", "300", "--repeat", "1", "--attachments", "2"])
-        .args(["--passthrough-seconds", "0.3", "--connections", "4", "--rss-records", "600"])
+        .args(args)
         .arg("--json")
         .arg(&json)
         .output()
         .expect("bench runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let results = serde_json::from_slice(&std::fs::read(&json).expect("JSON written")).expect("valid JSON");
+    (stdout, results)
+}
+
+#[test]
+fn bench_exports_runs_at_a_smoke_size_and_writes_every_figure() {
+    let (stdout, results) = run_bench(&[
+        "exports",
+        "--records",
+        "300",
+        "--repeat",
+        "1",
+        "--attachments",
+        "2",
+        "--passthrough-seconds",
+        "0.3",
+        "--connections",
+        "4",
+        "--rss-records",
+        "600",
+    ]);
     for table in ["Exports", "CBOR → JSON", "Zip with attachments", "Pass-through", "Peak RSS"] {
         assert!(stdout.contains(table), "table {table} printed:\n{stdout}");
     }
-    let results: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("JSON written")).expect("valid JSON");
     for encoding in ["cbor", "json", "json-lines"] {
         let figures = &results["encodings"][encoding];
         for run in ["cold", "warm"] {
@@ -38,18 +56,7 @@ fn bench_exports_runs_at_a_smoke_size_and_writes_every_figure() {
 
 #[test]
 fn bench_events_runs_at_a_smoke_size_and_writes_every_figure() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let json = dir.path().join("bench-events.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args(["events", "--subscribers", "20", "--records", "50", "--rounds", "2"])
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .expect("bench runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    let results: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("JSON written")).expect("valid JSON");
+    let (_, results) = run_bench(&["events", "--subscribers", "20", "--records", "50", "--rounds", "2"]);
     // At this size the RSS growth may round to nothing; it only has to be there.
     assert!(results["bytes_per_idle_subscriber"].as_f64().is_some(), "{results}");
     for figure in ["last_delivery_p99_ms", "floor_delivery_p50_ms", "floor_last_delivery_p99_ms"] {

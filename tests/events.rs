@@ -641,6 +641,18 @@ async fn subscribe_on(mut stream: tokio::net::TcpStream, addr: SocketAddr, path:
     EventReader::new(RawBody { stream, buf: body, framing }.into_stream())
 }
 
+/// Reads from `stream` until what has arrived satisfies `done`; fails if it closes first.
+async fn read_until(stream: &mut tokio::net::TcpStream, done: impl Fn(&[u8]) -> bool, what: &str) -> Vec<u8> {
+    let mut answer = Vec::new();
+    while !done(&answer) {
+        let mut chunk = [0u8; 4096];
+        let n = timeout(WAIT, stream.read(&mut chunk)).await.expect("in time").expect("read");
+        assert!(n > 0, "the connection closed before {what}");
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    answer
+}
+
 /// A subscription that is not a connection's first request (browsers reuse keep-alive
 /// connections) is served like any other.
 #[tokio::test]
@@ -653,7 +665,6 @@ async fn a_subscription_on_a_reused_connection_gets_the_same_stream() {
         timeout(WAIT, tokio::net::TcpStream::connect(addr)).await.expect("in time").expect("connect");
     let request = format!("GET /export/datasets/u:absent?encoding=json HTTP/1.1\r\nHost: {addr}\r\n\r\n");
     stream.write_all(request.as_bytes()).await.expect("first request sent");
-    let mut answer = Vec::new();
     let complete = |answer: &[u8]| {
         let end = find(answer, b"\r\n\r\n")? + 4;
         let head = String::from_utf8_lossy(&answer[..end]).to_ascii_lowercase();
@@ -661,15 +672,8 @@ async fn a_subscription_on_a_reused_connection_gets_the_same_stream() {
             head.split("\r\n").find_map(|l| l.strip_prefix("content-length:"))?.trim().parse().ok()?;
         (answer.len() >= end + length).then_some(head)
     };
-    let head = loop {
-        if let Some(head) = complete(&answer) {
-            break head;
-        }
-        let mut chunk = [0u8; 4096];
-        let n = timeout(WAIT, stream.read(&mut chunk)).await.expect("answer in time").expect("read");
-        assert!(n > 0, "the connection closed after the first request");
-        answer.extend_from_slice(&chunk[..n]);
-    };
+    let answer = read_until(&mut stream, |answer| complete(answer).is_some(), "the first answer").await;
+    let head = complete(&answer).unwrap_or_default();
     assert!(head.starts_with("http/1.1 404"), "{head}");
     assert!(!head.contains("connection: close"), "the first answer keeps the connection: {head}");
 
@@ -693,13 +697,7 @@ async fn an_http_1_0_stream_says_the_connection_closes() {
         timeout(WAIT, tokio::net::TcpStream::connect(addr)).await.expect("in time").expect("connect");
     let request = format!("GET {} HTTP/1.0\r\nHost: {addr}\r\nConnection: keep-alive\r\n\r\n", feed("old"));
     stream.write_all(request.as_bytes()).await.expect("request sent");
-    let mut answer = Vec::new();
-    while find(&answer, b"\r\n\r\n").is_none() {
-        let mut chunk = [0u8; 4096];
-        let n = timeout(WAIT, stream.read(&mut chunk)).await.expect("head in time").expect("read");
-        assert!(n > 0, "closed before the head");
-        answer.extend_from_slice(&chunk[..n]);
-    }
+    let answer = read_until(&mut stream, |answer| find(answer, b"\r\n\r\n").is_some(), "the head").await;
     let head = String::from_utf8_lossy(&answer).to_ascii_lowercase();
     let head = head.split("\r\n\r\n").next().unwrap_or_default().to_owned();
     assert!(head.starts_with("http/1.1 200") || head.starts_with("http/1.0 200"), "{head}");
