@@ -198,7 +198,7 @@ impl Default for ListenConfig {
 impl Default for ExportConfig {
     fn default() -> Self {
         ExportConfig {
-            chunk_bytes: 64 * 1024,
+            chunk_bytes: 256 * 1024,
             flush_interval_ms: 200,
             temp_dir: PathBuf::new(),
             max_concurrent: 32,
