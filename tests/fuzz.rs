@@ -263,8 +263,23 @@ fn keys_distinct(text: &str) -> bool {
             Ok(())
         }
     }
-    let mut de = serde_json::Deserializer::from_str(text);
+    let mut de = deep_json(text);
     serde::de::DeserializeSeed::deserialize(Distinct, &mut de).is_ok() && de.end().is_ok()
+}
+
+/// A JSON reader for the converter's output, which may nest as deep as `MAX_DEPTH` (256):
+/// serde_json stops at 128 by default.
+fn deep_json(text: &str) -> serde_json::Deserializer<serde_json::de::StrRead<'_>> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    de.disable_recursion_limit();
+    de
+}
+
+fn parse_deep(text: &str) -> serde_json::Result<serde_json::Value> {
+    let mut de = deep_json(text);
+    let value = serde::Deserialize::deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
 }
 
 /// The converter's contract on any input: it agrees with `validate`, leaves nothing behind on
@@ -291,17 +306,26 @@ fn converts_soundly(bytes: &[u8]) -> Result<(), TestCaseError> {
             prop_assert!(valid.is_ok(), "convert accepted what validate refuses: {:?}", valid);
             prop_assert!(compact.starts_with(&prefix));
             let text = std::str::from_utf8(&compact[prefix.len()..]).expect("JSON output is UTF-8");
-            let parsed: serde_json::Value =
-                serde_json::from_str(text).map_err(|e| TestCaseError::fail(format!("{e}: {text}")))?;
+            let parsed = parse_deep(text).map_err(|e| TestCaseError::fail(format!("{e}: {text}")))?;
             let text_pretty = std::str::from_utf8(&pretty).expect("UTF-8");
-            let parsed_pretty: serde_json::Value =
-                serde_json::from_str(text_pretty).expect("pretty JSON parses");
+            let parsed_pretty = parse_deep(text_pretty).expect("pretty JSON parses");
             prop_assert_eq!(parsed, parsed_pretty);
             prop_assert!(keys_distinct(text), "repeated key in {}", text);
             prop_assert!(!text.contains(['\n', '\r', '\u{85}', '\u{2028}', '\u{2029}']), "{}", text);
         }
     }
     Ok(())
+}
+
+/// Found by `deep_and_long_inputs_are_refused_in_bounded_time`: 129 nested arrays are valid
+/// CBOR, but their JSON was checked with a parser that stops at 128 levels.
+#[test]
+fn the_deepest_accepted_nesting_converts_to_json_that_parses() {
+    for depth in [129, export_sidecar::codec::MAX_DEPTH] {
+        let mut bytes = vec![0x81; depth];
+        bytes.push(0x00);
+        converts_soundly(&bytes).unwrap_or_else(|e| panic!("depth {depth}: {e}"));
+    }
 }
 
 #[test]
