@@ -75,13 +75,24 @@ async fn sigterm_exits_once_nothing_is_in_flight() {
     assert!(started.elapsed() < Duration::from_secs(20));
 }
 
-fn start_demo(public: std::net::SocketAddr, internal: std::net::SocketAddr) -> std::process::Child {
-    sidecar()
+/// A demo process, killed when dropped: a failing assertion must not leave it running.
+struct Demo(std::process::Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_demo(public: std::net::SocketAddr, internal: std::net::SocketAddr) -> Demo {
+    let child = sidecar()
         .args(["demo", "--listen", &public.to_string(), "--internal-listen", &internal.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("demo starts")
+        .expect("demo starts");
+    Demo(child)
 }
 
 /// Waits until the demo on `public` serves `demo:animals`; returns the body.
@@ -102,7 +113,7 @@ async fn demo_animals(client: &reqwest::Client, public: std::net::SocketAddr) ->
 #[tokio::test]
 async fn the_demo_serves_its_sample_collections() {
     let (public, internal) = (free_port(), free_port());
-    let mut demo = start_demo(public, internal);
+    let _demo = start_demo(public, internal);
     let client = common::client();
     let body = demo_animals(&client, public).await;
     assert!(body.lines().count() > 400, "demo:animals holds hundreds of records");
@@ -113,15 +124,11 @@ async fn the_demo_serves_its_sample_collections() {
 
     // A second demo, on other ports or failing on these, leaves the first one's journal alone.
     let (other_public, other_internal) = (free_port(), free_port());
-    let mut other = start_demo(other_public, other_internal);
+    let _other = start_demo(other_public, other_internal);
     demo_animals(&client, other_public).await;
     let mut clash = start_demo(public, internal);
-    let clash_exit = clash.wait().expect("the clashing demo exits");
+    let clash_exit = clash.0.wait().expect("the clashing demo exits");
     assert!(!clash_exit.success(), "a demo on busy ports fails");
     let ready = client.get(format!("http://{internal}/readyz")).send().await.expect("sent");
     assert_eq!(ready.status(), 200, "{}", ready.text().await.unwrap_or_default());
-    for child in [&mut demo, &mut other] {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
 }
