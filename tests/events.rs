@@ -6,7 +6,7 @@ mod common;
 
 use bytes::Bytes;
 use ciborium::Value;
-use common::{cbor, collection, error_body, Sidecar, Stack};
+use common::{cbor, collection, error_body, metric, Sidecar, Stack};
 use eventsource_stream::{Event, EventStreamError, Eventsource};
 use export_sidecar::reference::{CollectionId, ReferenceConfig, ReferenceServer};
 use futures::{Stream, StreamExt};
@@ -875,6 +875,18 @@ async fn over_the_connection_cap_a_subscriber_gets_a_retry_hint_and_a_close() {
     let parsed: Vec<_> =
         futures::stream::iter([Ok::<_, String>(body)]).eventsource().collect::<Vec<_>>().await;
     assert!(parsed.is_empty(), "no events: {parsed:?}");
+    // Counted as the 200 it was, not as a request that sent no head.
+    let counted = |status: &'static str| {
+        let sample = format!("export_sidecar_requests_total{{route=\"export-events\",status=\"{status}\"}}");
+        let sidecar = &stack.sidecar;
+        async move { metric(sidecar, &sample).await }
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counted("200").await != Some(1.0) {
+        assert!(Instant::now() < deadline, "the refused stream counted as 200");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(counted("none").await, None);
 
     // The two admitted subscribers are served as usual.
     let version = write(&stack, &c, &[("b", Some("1"))]);

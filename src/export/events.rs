@@ -82,6 +82,7 @@ impl Exporter {
     ) -> Opening {
         log.encoding = "event-stream";
         let Some(slot) = self.hub.reserve(self.events.max_connections) else {
+            log.status = 200;
             log.outcome = "over_capacity";
             return Opening::AtCapacity;
         };
