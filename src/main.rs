@@ -185,12 +185,10 @@ fn demo(args: DemoArgs) -> Result<(), String> {
 }
 
 /// The demo's reference server starts empty, so versions from an earlier run would name other
-/// states: each demo gets an empty journal in a directory of its own, removed when it ends, so
-/// a second demo (on other ports) never touches the first one's.
-fn demo_journal_dir() -> Result<tempfile::TempDir, String> {
-    tempfile::Builder::new()
-        .prefix("export-sidecar-demo-")
-        .tempdir()
+/// states: each demo gets an empty journal in a directory of its own, removed when it ends
+/// (also after SIGTERM), so a second demo (on other ports) never touches the first one's.
+fn demo_journal_dir() -> Result<export_sidecar::shutdown::ScratchDir, String> {
+    export_sidecar::shutdown::ScratchDir::new("export-sidecar-demo-")
         .map_err(|e| format!("cannot create a directory for the demo journal: {e}"))
 }
 

@@ -101,5 +101,39 @@ fn exit_when_idle(in_flight: &InFlight) {
         std::thread::sleep(Duration::from_millis(100));
     }
     tracing::info!("no request in flight; exiting");
+    // `exit` runs no destructors; scratch directories would stay behind.
+    for path in scratch_dirs().drain(..) {
+        let _ = std::fs::remove_dir_all(path);
+    }
     std::process::exit(0);
+}
+
+/// A temporary directory removed when dropped or when the process exits after SIGTERM (which
+/// skips destructors, see `exit_when_idle`).
+pub struct ScratchDir {
+    path: std::path::PathBuf,
+}
+
+impl ScratchDir {
+    pub fn new(prefix: &str) -> std::io::Result<ScratchDir> {
+        let path = tempfile::Builder::new().prefix(prefix).tempdir()?.keep();
+        scratch_dirs().push(path.clone());
+        Ok(ScratchDir { path })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        scratch_dirs().retain(|p| p != &self.path);
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+fn scratch_dirs() -> std::sync::MutexGuard<'static, Vec<std::path::PathBuf>> {
+    static DIRS: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+    DIRS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -75,11 +75,17 @@ async fn sigterm_exits_once_nothing_is_in_flight() {
     assert!(started.elapsed() < Duration::from_secs(20));
 }
 
-/// A demo process, killed when dropped: a failing assertion must not leave it running.
+/// A demo process, stopped when dropped: a failing assertion must not leave it running. It is
+/// asked with SIGTERM first, so it removes its journal directory as a user's Ctrl-C would.
 struct Demo(std::process::Child);
 
 impl Drop for Demo {
     fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -112,8 +118,9 @@ async fn demo_animals(client: &reqwest::Client, public: std::net::SocketAddr) ->
 
 #[tokio::test]
 async fn the_demo_serves_its_sample_collections() {
+    let journals_before = demo_journals();
     let (public, internal) = (free_port(), free_port());
-    let _demo = start_demo(public, internal);
+    let demo = start_demo(public, internal);
     let client = common::client();
     let body = demo_animals(&client, public).await;
     assert!(body.lines().count() > 400, "demo:animals holds hundreds of records");
@@ -124,11 +131,25 @@ async fn the_demo_serves_its_sample_collections() {
 
     // A second demo, on other ports or failing on these, leaves the first one's journal alone.
     let (other_public, other_internal) = (free_port(), free_port());
-    let _other = start_demo(other_public, other_internal);
+    let other = start_demo(other_public, other_internal);
     demo_animals(&client, other_public).await;
     let mut clash = start_demo(public, internal);
     let clash_exit = clash.0.wait().expect("the clashing demo exits");
     assert!(!clash_exit.success(), "a demo on busy ports fails");
     let ready = client.get(format!("http://{internal}/readyz")).send().await.expect("sent");
     assert_eq!(ready.status(), 200, "{}", ready.text().await.unwrap_or_default());
+
+    // Stopped with SIGTERM (which exits without running destructors), the demos still remove
+    // their journal directories.
+    drop((demo, other));
+    let left: Vec<_> = demo_journals().difference(&journals_before).cloned().collect();
+    assert!(left.is_empty(), "demo journal directories left behind: {left:?}");
+}
+
+fn demo_journals() -> std::collections::BTreeSet<std::path::PathBuf> {
+    let entries = std::fs::read_dir(std::env::temp_dir()).expect("temp dir readable");
+    entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("export-sidecar-demo-")))
+        .collect()
 }
