@@ -31,6 +31,8 @@ fn bench_exports_runs_at_a_smoke_size_and_writes_every_figure() {
         "2",
         "--passthrough-seconds",
         "0.3",
+        "--passthrough-rounds",
+        "2",
         "--connections",
         "4",
         "--rss-records",
@@ -48,9 +50,18 @@ fn bench_exports_runs_at_a_smoke_size_and_writes_every_figure() {
     }
     assert!(results["direct"]["records_per_second"].as_f64().is_some_and(|r| r > 0.0));
     assert!(results["zip"]["bytes"].as_u64().is_some_and(|b| b > 2 << 20), "two 1 MiB attachments");
-    assert!(results["passthrough"]["targets"]["through export-sidecar"]["requests_per_second"]
-        .as_f64()
-        .is_some());
+    for target in ["direct to the upstream", "through export-sidecar", "bare pingora proxy"] {
+        let rounds = results["passthrough"]["targets"][target].as_array().expect(target);
+        assert_eq!(rounds.len(), 2, "{target}: one sample per round");
+        assert!(
+            rounds.iter().all(|r| r["requests_per_second"].as_f64().is_some_and(|r| r > 0.0)),
+            "{target}"
+        );
+    }
+    for process in ["through export-sidecar", "bare pingora proxy", "sidecar, exports running"] {
+        let cpu = &results["passthrough"]["targets"][process][0]["cpu_us_per_request"];
+        assert!(cpu.as_f64().is_some_and(|us| us >= 0.0), "{process}: CPU time read from /proc");
+    }
     assert!(results["peak_rss"]["peak_rss_kib"].as_u64().is_some_and(|k| k > 0));
 }
 

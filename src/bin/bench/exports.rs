@@ -3,7 +3,9 @@
 
 use crate::dataset;
 use crate::harness::{cell, median, write_json, SidecarProcess, Table};
-use crate::load::{self, LoadResult, Nginx};
+use crate::load::{self, LoadResult};
+use crate::passthrough::{self, Target};
+use crate::proxies::ProxyProcess;
 use export_sidecar::codec::json::{JsonConverter, JsonStyle};
 use export_sidecar::reference::{attachment_link, CollectionId, ReferenceConfig, ReferenceServer};
 use export_sidecar::upstream::{parse_listing, ListingEntry};
@@ -28,9 +30,12 @@ pub struct ExportArgs {
     /// Attachments (1 MiB each) in the zip measurement.
     #[arg(long, default_value_t = 40)]
     attachments: usize,
-    /// Seconds of load per pass-through target.
-    #[arg(long, default_value_t = 5.0)]
+    /// Seconds of load per pass-through target and round.
+    #[arg(long, default_value_t = 3.0)]
     passthrough_seconds: f64,
+    /// Rounds of the pass-through comparison; each loads every target once, in turn.
+    #[arg(long, default_value_t = 3)]
+    passthrough_rounds: usize,
     /// Concurrent keep-alive connections of the pass-through load.
     #[arg(long, default_value_t = 32)]
     connections: usize,
@@ -436,7 +441,8 @@ async fn while_exporting(
         }
         Ok::<(), String>(())
     });
-    let measured = load::run(sidecar.public, path, args.connections, args.passthrough_seconds).await;
+    let cpu = || sidecar.cpu_seconds();
+    let measured = load::run(sidecar.public, path, args.connections, args.passthrough_seconds, &cpu).await;
     stop.send_replace(true);
     exporting.await.map_err(|e| e.to_string())??;
     measured
@@ -445,8 +451,9 @@ async fn while_exporting(
 /// The export `while_exporting` repeats.
 const EXPORTED: &str = "/export/datasets/bench:data?encoding=json";
 
-/// Requests/s and latency of one small record straight from the upstream, through the
-/// sidecar (alone and while exporting), and through nginx (skipped with a note when nginx is not installed).
+/// Requests/s, latency and CPU per request of one small record straight from the upstream,
+/// through the sidecar (alone and while exporting), through a bare pingora proxy, and through
+/// nginx (skipped with a note when nginx is not installed).
 async fn passthrough(
     args: &ExportArgs,
     reference: &ReferenceServer,
@@ -461,43 +468,43 @@ async fn passthrough(
         dataset::record_id(1)
     );
     let sidecar = SidecarProcess::start(&reference.url(), journal, &[]).await?;
-    let (connections, seconds) = (args.connections, args.passthrough_seconds);
-    let mut measured: Vec<(&str, LoadResult)> = vec![
-        ("direct to the upstream", load::run(reference.addr(), &path, connections, seconds).await?),
-        ("through export-sidecar", load::run(sidecar.public, &path, connections, seconds).await?),
-        ("sidecar, exports running", while_exporting(&sidecar, &path, args).await?),
+    let threads = export_sidecar::config::Config::default().threads();
+    let floor = ProxyProcess::pingora_floor(reference.addr(), threads).await?;
+    let nginx =
+        ProxyProcess::nginx(reference.addr()).await.inspect_err(|why| println!("\nnginx skipped: {why}"));
+    let mut targets = vec![
+        Target { name: "direct to the upstream", addr: reference.addr(), cpu_seconds: Box::new(|| None) },
+        Target {
+            name: "through export-sidecar",
+            addr: sidecar.public,
+            cpu_seconds: Box::new(|| sidecar.cpu_seconds()),
+        },
+        Target {
+            name: "bare pingora proxy",
+            addr: floor.addr,
+            cpu_seconds: Box::new(|| floor.cpu_seconds()),
+        },
     ];
-    drop(sidecar);
-    match Nginx::start(reference.addr()).await {
-        Ok(nginx) => {
-            measured.push(("through nginx", load::run(nginx.addr, &path, connections, seconds).await?))
-        }
-        Err(why) => println!("\nnginx column skipped: {why}"),
+    if let Ok(nginx) = &nginx {
+        targets.push(Target {
+            name: "through nginx",
+            addr: nginx.addr,
+            cpu_seconds: Box::new(|| nginx.cpu_seconds()),
+        });
     }
-    let nginx_rate = measured.iter().find(|(n, _)| n.contains("nginx")).map(|(_, r)| r.requests_per_second);
-    let rows = measured
-        .iter()
-        .map(|(name, r)| {
-            vec![
-                name.to_string(),
-                cell(Some(r.requests_per_second), 0),
-                cell(Some(r.p50_ms), 3),
-                cell(Some(r.p99_ms), 3),
-                cell(nginx_rate.map(|n| r.requests_per_second / n), 2),
-            ]
-        })
-        .collect();
-    let results: serde_json::Map<_, _> = measured
-        .iter()
-        .map(|(name, r)| {
-            let figures =
-                json!({"requests_per_second": r.requests_per_second, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms});
-            (name.to_string(), figures)
-        })
-        .collect();
-    let header = vec!["target", "requests/s", "p50 ms", "p99 ms", "vs nginx"];
-    println!("\n({connections} keep-alive connections, {seconds} s per target)");
-    Ok((Table { header, rows }, json!({"connections": connections, "seconds": seconds, "targets": results})))
+    let shape = passthrough::Shape {
+        connections: args.connections,
+        seconds: args.passthrough_seconds,
+        rounds: args.passthrough_rounds,
+    };
+    let mut measured = passthrough::rounds(&targets, &path, &shape).await?;
+    let exporting = while_exporting(&sidecar, &path, args).await?;
+    measured.insert(2, passthrough::Measured { name: "sidecar, exports running", rounds: vec![exporting] });
+    println!(
+        "\n({} keep-alive connections; {} rounds of {} s per target, interleaved; medians)",
+        shape.connections, shape.rounds, shape.seconds
+    );
+    Ok(passthrough::report(&measured, &shape))
 }
 
 /// The sidecar's peak RSS while a large collection streams out as json-lines, against the

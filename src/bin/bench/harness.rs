@@ -72,6 +72,29 @@ impl SidecarProcess {
     pub fn peak_rss_kib(&self) -> u64 {
         proc_status_kib(self.child.id(), "VmHWM:")
     }
+
+    /// CPU time (user and system, all threads) so far.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        process_tree_cpu_seconds(self.child.id())
+    }
+}
+
+/// CPU time of a process and its direct children (nginx's workers), from /proc.
+pub fn process_tree_cpu_seconds(pid: u32) -> Option<f64> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let others = children.split_whitespace().filter_map(|c| c.parse().ok());
+    std::iter::once(pid).chain(others).map(process_cpu_seconds).sum()
+}
+
+/// utime + stime of one process (fields 14 and 15 of /proc/PID/stat, after the command name,
+/// which may hold spaces), in clock ticks of USER_HZ, which is 100 in Linux's ABI.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some((user + system) as f64 / 100.0)
 }
 
 fn proc_status_kib(pid: u32, field: &str) -> u64 {

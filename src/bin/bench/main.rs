@@ -6,6 +6,8 @@ mod events;
 mod exports;
 mod harness;
 mod load;
+mod passthrough;
+mod proxies;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -53,16 +55,31 @@ enum Bench {
         #[arg(long)]
         records: usize,
     },
+    /// The bare pingora proxy `exports` compares the sidecar's pass-through with.
+    #[command(hide = true)]
+    PingoraFloor {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        upstream: std::net::SocketAddr,
+        #[arg(long)]
+        threads: usize,
+    },
 }
 
 fn main() -> Result<(), String> {
+    let cli = Cli::parse();
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
-    match Cli::parse().command {
+    match cli.command {
         Bench::Exports(args) => runtime.block_on(exports::exports(args)),
         Bench::Events { subscribers, records, rounds, batch, json } => {
             runtime.block_on(events::events(subscribers, records, rounds, batch.max(1), json))
         }
         Bench::FloorServer { records } => runtime.block_on(events::floor_server(records)),
+        // pingora builds runtimes of its own; the one above stays idle.
+        Bench::PingoraFloor { listen, upstream, threads } => {
+            proxies::run_pingora_floor(listen, upstream, threads)
+        }
     }
 }
