@@ -25,19 +25,19 @@ pub struct ExportArgs {
     #[arg(long, default_value_t = 1_000)]
     record_bytes: usize,
     /// Runs of each measurement; the table shows the median.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
     repeat: usize,
     /// Attachments (1 MiB each) in the zip measurement.
     #[arg(long, default_value_t = 40)]
     attachments: usize,
     /// Seconds of load per pass-through target and round.
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 3.0, value_parser = positive_seconds)]
     passthrough_seconds: f64,
     /// Rounds of the pass-through comparison; each loads every target once, in turn.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
     passthrough_rounds: usize,
     /// Concurrent keep-alive connections of the pass-through load.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
     connections: usize,
     /// The record cache's size for the cold and warm exports: by default room for the whole
     /// collection in both its CBOR and JSON forms, which is what "warm" means.
@@ -52,6 +52,20 @@ pub struct ExportArgs {
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench-exports.json")]
     json: PathBuf,
+}
+
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse() {
+        Ok(0) | Err(_) => Err("expected a whole number of at least 1".into()),
+        Ok(n) => Ok(n),
+    }
+}
+
+fn positive_seconds(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(seconds) if seconds > 0.0 && seconds.is_finite() => Ok(seconds),
+        _ => Err("expected a number of seconds above 0".into()),
+    }
 }
 
 /// The measurements after the export table, each of which can be skipped.
@@ -176,7 +190,7 @@ where
     Fut: std::future::Future<Output = Result<Transfer, String>>,
 {
     let mut runs = Vec::new();
-    for _ in 0..times.max(1) {
+    for _ in 0..times {
         runs.push(run().await?);
     }
     Ok(Transfer::median(&runs))
@@ -265,7 +279,7 @@ async fn cold_and_warm(
         let path = format!("/export/datasets/bench:data?encoding={encoding}");
         let (mut colds, mut warms, mut firsts, mut to_direct, mut to_cold) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..args.repeat.max(1) {
+        for _ in 0..args.repeat {
             let direct = direct_fetch(client, reference, &data, concurrency).await?;
             let sidecar = SidecarProcess::start(&reference.url(), journal, &with_cache).await?;
             let cold = export(client, &sidecar.url(&path), args.records).await?;

@@ -31,7 +31,7 @@ pub struct Measured {
 pub async fn rounds(targets: &[Target<'_>], path: &str, shape: &Shape) -> Result<Vec<Measured>, String> {
     let mut measured: Vec<Measured> =
         targets.iter().map(|t| Measured { name: t.name, rounds: Vec::new() }).collect();
-    for _ in 0..shape.rounds.max(1) {
+    for _ in 0..shape.rounds {
         for (target, samples) in targets.iter().zip(&mut measured) {
             let result = load::run(target.addr, path, shape.connections, shape.seconds, &*target.cpu_seconds);
             samples.rounds.push(result.await?);
