@@ -28,8 +28,11 @@ pub struct UpstreamConfig {
     /// Base URL, `http://` and authority only (`http://127.0.0.1:3000`): a sidecar reaches
     /// its dataset server over the pod's loopback, so TLS is not offered.
     pub url: String,
-    /// Record fetches in flight per export; the ordered output waits on the slowest of them.
+    /// Most record fetches in flight per export; the ordered output waits on the slowest.
     pub concurrency: usize,
+    /// Start each export with a few fetches and keep as many in flight as the dataset server
+    /// answers without its latency climbing (up to `concurrency`); false keeps `concurrency`.
+    pub adaptive_concurrency: bool,
     /// Longest wait for a TCP connection to the dataset server.
     pub connect_timeout_ms: u64,
     /// Longest wait from sending a request (connecting included) to its response head: a
@@ -178,6 +181,7 @@ impl Default for UpstreamConfig {
         UpstreamConfig {
             url: "http://127.0.0.1:3000".into(),
             concurrency: 32,
+            adaptive_concurrency: true,
             connect_timeout_ms: 5_000,
             first_byte_timeout_ms: 30_000,
             idle_timeout_ms: 30_000,

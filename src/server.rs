@@ -9,6 +9,7 @@ use crate::changes::refresh::Refresher;
 use crate::changes::webhook::WebhookVerifier;
 use crate::config::{Config, ConfigError};
 use crate::export::limit::ExportSlots;
+use crate::export::window::FetchWindow;
 use crate::export::workers::ExportWorkers;
 use crate::export::Exporter;
 use crate::journal::VersionJournal;
@@ -48,7 +49,7 @@ pub fn build(config: &Config, in_flight: &InFlight, draining: &Draining) -> Resu
         hub: hub.clone(),
         events: config.events.clone(),
         config: config.export.clone(),
-        concurrency: config.upstream.concurrency,
+        window: FetchWindow::new(config.upstream.concurrency, config.upstream.adaptive_concurrency),
         cache: RecordCache::new(config.cache.max_bytes),
         slots: ExportSlots::new(config.export.max_concurrent),
         draining: draining.clone(),

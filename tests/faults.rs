@@ -4,9 +4,10 @@
 mod common;
 
 use ciborium::Value;
-use common::{cbor, collection, error_body, free_port, Sidecar, Stack};
-use export_sidecar::reference::RecordFault;
+use common::{cbor, collection, error_body, free_port, start_with_config, Sidecar, Stack};
+use export_sidecar::reference::{Capacity, CapacityStats, RecordFault};
 use futures::StreamExt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn numbered(n: usize) -> Vec<(String, Option<bytes::Bytes>)> {
@@ -179,4 +180,36 @@ async fn credentials_are_forwarded_and_enforced() {
         stack.client.get(stack.url(path)).header("cookie", "session=s3cret").send().await.expect("sent");
     assert_eq!(cookie.status(), 200);
     assert_eq!(common::object_entries(&cookie.text().await.expect("body")).len(), 3);
+}
+
+/// Exports 300 records, as json-lines and as a zip (the record cache is off, so both fetch
+/// them), from a dataset server that works on two records at once for 5 ms each, and returns
+/// how its queue for those two slots looked.
+async fn export_from_a_saturated_server(stack: &Stack) -> CapacityStats {
+    let c = collection("datasets", "a", "busy");
+    stack.store().write(&c, numbered(300));
+    let capacity = Arc::new(Capacity::new(2, Duration::from_millis(5)));
+    stack.store().limit_capacity(Some(Arc::clone(&capacity)));
+    let lines = stack.get("/export/datasets/a:busy?encoding=json-lines").await;
+    assert_eq!(lines.status(), 200);
+    let text = lines.text().await.expect("the whole export");
+    assert_eq!(text.lines().count(), 300);
+    assert!(text.lines().last().is_some_and(|line| line.starts_with(r#"["r00299","#)), "{text:.200}");
+    let zip = stack.get("/export/datasets/a:busy/zip").await;
+    assert_eq!(zip.status(), 200);
+    assert!(!zip.bytes().await.expect("the whole archive").is_empty());
+    capacity.stats()
+}
+
+#[tokio::test]
+async fn a_saturated_dataset_server_gets_a_short_queue_not_every_fetch_at_once() {
+    let (_dir, adaptive) = start_with_config("[cache]\nmax_bytes = 0\n").await;
+    let adaptive = export_from_a_saturated_server(&adaptive).await;
+    let (_dir, fixed) =
+        start_with_config("[cache]\nmax_bytes = 0\n[upstream]\nadaptive_concurrency = false\n").await;
+    let fixed = export_from_a_saturated_server(&fixed).await;
+    assert_eq!((adaptive.served, fixed.served), (600, 600), "every record fetched for both exports");
+    assert!(fixed.most_waiting >= 24, "a fixed window queues nearly all 32 fetches: {fixed:?}");
+    assert!(adaptive.most_waiting <= 14, "the adaptive window kept the queue short: {adaptive:?}");
+    assert!(adaptive.mean_wait < fixed.mean_wait, "shorter waits: {adaptive:?} against {fixed:?}");
 }

@@ -2,7 +2,9 @@
 //! and the chunk writer that codes their output and flushes it on schedule.
 
 use super::body::{BodyEncoder, ContentCoding};
+use super::ordered::{InOrder, Step};
 use super::plan::ExportItem;
+use super::window::FetchWindow;
 use crate::cache::RecordCache;
 use crate::collection::Collection;
 use crate::config::ExportConfig;
@@ -58,8 +60,8 @@ pub struct ExportSource {
     pub items: Vec<ExportItem>,
     /// Records written so far, for the export's log line.
     pub written: Arc<AtomicU64>,
-    /// Record fetches in flight.
-    pub concurrency: usize,
+    /// Record fetches in flight, adapted to the dataset server's latency as the export runs.
+    pub window: FetchWindow,
     pub config: ExportConfig,
 }
 
@@ -133,6 +135,19 @@ impl ChunkWriter {
 
     fn has_pending(&self) -> bool {
         !self.raw.is_empty() || self.body.has_pending()
+    }
+
+    /// The next item of the plan in order: at once when it needs no fetch and nothing is
+    /// queued ahead of it, otherwise as `next_or_flush` waits for it; `None` at the plan's end.
+    pub async fn next_item<T: Unpin, F: Future<Output = T>>(
+        &mut self,
+        fetches: &mut InOrder<T, F>,
+        next: impl FnMut() -> Option<Step<T, F>>,
+    ) -> Result<Option<T>, Stop> {
+        match fetches.fill(next) {
+            Some(item) => Ok(Some(item)),
+            None => self.next_or_flush(fetches).await,
+        }
     }
 
     /// The next item of `items`; while waiting for it, pending output is flushed on schedule.

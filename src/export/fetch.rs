@@ -22,13 +22,6 @@ pub struct RecordSource<'a> {
 }
 
 impl RecordSource<'_> {
-    pub async fn fetch(&self, entry: ListingEntry) -> Fetched {
-        match self.cached(entry) {
-            Ok(hit) => hit,
-            Err(key) => self.from_upstream(key).await,
-        }
-    }
-
     /// The record from the cache, or its key when it has to be fetched.
     pub fn cached(&self, entry: ListingEntry) -> Result<Fetched, RecordKey> {
         let key = self.scope.key(entry);

@@ -15,6 +15,7 @@ pub mod records;
 pub mod response;
 pub mod route;
 pub mod socket_feed;
+pub mod window;
 pub mod workers;
 pub mod zip;
 pub mod zipfile;
@@ -41,6 +42,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
+use window::FetchWindow;
 
 /// What the log line of one export reports; filled in as the export goes.
 #[derive(Debug)]
@@ -85,8 +87,8 @@ pub struct Exporter {
     pub hub: Hub,
     pub events: EventsConfig,
     pub config: ExportConfig,
-    /// Record fetches in flight per export.
-    pub concurrency: usize,
+    /// The fetch window every record and zip export starts from.
+    pub window: FetchWindow,
     pub cache: RecordCache,
     /// Record and zip exports running at once; event streams are capped by the hub instead.
     pub slots: ExportSlots,
@@ -246,7 +248,7 @@ impl Exporter {
             credentials,
             items,
             written: Arc::clone(&log.records),
-            concurrency: self.concurrency,
+            window: self.window.clone(),
             config: self.config.clone(),
         }
     }

@@ -1,9 +1,14 @@
-//! Listing-order fetching with bounded concurrency, where an item that needs no I/O (a cache
-//! hit, a tombstone) skips the future machinery whenever nothing is queued ahead of it.
+//! Listing-order fetching within the export's fetch window, where an item that needs no I/O
+//! (a cache hit, a tombstone) skips the future machinery whenever nothing is queued ahead of it.
 
+use super::window::FetchWindow;
 use futures::future::{self, Either};
-use futures::stream::FuturesOrdered;
+use futures::stream::{FuturesOrdered, Stream, StreamExt};
+use pin_project_lite::pin_project;
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
 
 /// One item of the plan: already at hand, or still to be fetched.
 pub enum Step<T, F> {
@@ -11,34 +16,70 @@ pub enum Step<T, F> {
     Fetch(F),
 }
 
-/// Items in plan order with at most `limit` fetches in flight. A warm export is all `Ready`
-/// steps, and then costs no task allocation or waker traffic per record.
+/// An item as it leaves the queue, with its fetch's latency when it was fetched.
+type Queued<T> = (T, Option<Duration>);
+
+/// Items in plan order with at most the window's size of fetches in flight; as a `Stream` it
+/// yields them in order and tells the window how long each fetch took. A warm export is all
+/// `Ready` steps, and then costs no task allocation or waker traffic per record.
 pub struct InOrder<T, F: Future<Output = T>> {
-    queue: FuturesOrdered<Either<future::Ready<T>, F>>,
-    limit: usize,
+    queue: FuturesOrdered<Either<future::Ready<Queued<T>>, Timed<F>>>,
+    window: FetchWindow,
 }
 
 impl<T, F: Future<Output = T>> InOrder<T, F> {
-    pub fn new(limit: usize) -> Self {
-        InOrder { queue: FuturesOrdered::new(), limit: limit.max(1) }
+    pub fn new(window: FetchWindow) -> Self {
+        InOrder { queue: FuturesOrdered::new(), window }
     }
 
-    /// Takes steps from `next` until `limit` fetches are queued or the plan ends. Returns an
-    /// item at once when it is ready with nothing queued ahead of it; otherwise the caller
-    /// awaits `queued()`, which yields `None` once the plan is done.
+    /// Takes steps from `next` until the window is full or the plan ends. Returns an item at
+    /// once when it is ready with nothing queued ahead of it; otherwise the caller awaits the
+    /// stream, which ends once the plan is done.
     pub fn fill(&mut self, mut next: impl FnMut() -> Option<Step<T, F>>) -> Option<T> {
-        while self.queue.len() < self.limit {
+        while self.queue.len() < self.window.size() {
             match next()? {
                 Step::Ready(item) if self.queue.is_empty() => return Some(item),
-                Step::Ready(item) => self.queue.push_back(Either::Left(future::ready(item))),
-                Step::Fetch(fetch) => self.queue.push_back(Either::Right(fetch)),
+                Step::Ready(item) => self.queue.push_back(Either::Left(future::ready((item, None)))),
+                Step::Fetch(fetch) => self.queue.push_back(Either::Right(Timed { fetch, started: None })),
             }
         }
         None
     }
+}
 
-    pub fn queued(&mut self) -> &mut FuturesOrdered<Either<future::Ready<T>, F>> {
-        &mut self.queue
+impl<T: Unpin, F: Future<Output = T>> Stream for InOrder<T, F> {
+    type Item = T;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        let this = self.get_mut();
+        let Some((item, latency)) = ready!(this.queue.poll_next_unpin(cx)) else {
+            return Poll::Ready(None);
+        };
+        if let Some(latency) = latency {
+            this.window.record(latency);
+        }
+        Poll::Ready(Some(item))
+    }
+}
+
+pin_project! {
+    /// A fetch that reports how long it took from its first poll, so time spent queued behind
+    /// a slow client is not taken for the dataset server's latency.
+    pub struct Timed<F> {
+        #[pin]
+        fetch: F,
+        started: Option<Instant>,
+    }
+}
+
+impl<F: Future> Future for Timed<F> {
+    type Output = Queued<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let started = *this.started.get_or_insert_with(Instant::now);
+        let item = ready!(this.fetch.poll(cx));
+        Poll::Ready((item, Some(started.elapsed())))
     }
 }
 
@@ -46,10 +87,8 @@ impl<T, F: Future<Output = T>> InOrder<T, F> {
 mod tests {
     use super::*;
     use futures::future::BoxFuture;
-    use futures::StreamExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    use std::time::Duration;
 
     #[tokio::test]
     async fn order_is_kept_and_fetches_are_bounded() {
@@ -69,12 +108,12 @@ mod tests {
                 i
             }))
         });
-        let mut order = InOrder::new(8);
+        let mut order = InOrder::new(FetchWindow::new(8, false));
         let mut out = Vec::new();
         loop {
             match order.fill(|| steps.next()) {
                 Some(item) => out.push(item),
-                None => match order.queued().next().await {
+                None => match order.next().await {
                     Some(item) => out.push(item),
                     None => break,
                 },

@@ -1,4 +1,4 @@
-//! The record export pipeline: fetch records in listing order with bounded concurrency,
+//! The record export pipeline: fetch records in listing order within the fetch window,
 //! encode them, code the body and hand it out in chunks. Runs as its own task per export.
 
 use super::body::ContentCoding;
@@ -32,17 +32,8 @@ impl RecordExport {
 
     async fn run(self, tx: mpsc::Sender<BodyEvent>) -> Result<u64, Stop> {
         let RecordExport { source, encoding, coding } = self;
-        let ExportSource {
-            upstream,
-            cache,
-            collection,
-            credentials,
-            items,
-            written,
-            concurrency,
-            config,
-            ..
-        } = source;
+        let ExportSource { upstream, cache, collection, credentials, items, written, window, config, .. } =
+            source;
         let scope = CacheScope::new(&collection);
         let records = RecordSource {
             upstream: &upstream,
@@ -61,15 +52,8 @@ impl RecordExport {
         writer.encoder.begin(&mut out.raw);
 
         let mut steps = RecordSteps { items: items.into_iter(), records: &records };
-        let mut fetches = InOrder::new(concurrency);
-        loop {
-            let item = match fetches.fill(|| steps.next_step()) {
-                Some(item) => item,
-                None => match out.next_or_flush(fetches.queued()).await? {
-                    Some(item) => item,
-                    None => break,
-                },
-            };
+        let mut fetches = InOrder::new(window);
+        while let Some(item) = out.next_item(&mut fetches, || steps.next_step()).await? {
             match item {
                 Item::Tombstone(id) => writer.encoder.tombstone(&id, &mut out.raw),
                 Item::Record(fetched) => writer.write(fetched, &mut out.raw)?,

@@ -5,17 +5,17 @@ use super::attachments::{find_links, AttachmentSource, Fetched, Missing, Prefetc
 use super::body::ContentCoding;
 use super::chunks::{spawn_pipeline, BodyEvent, ChunkWriter, ExportSource, Stop};
 use super::fetch::{self, RecordSource};
+use super::ordered::{InOrder, Step};
 use super::plan::{self, ExportItem};
 use super::response::streaming_head;
 use super::zipfile::{EntryMeta, Method, ZipError, ZipWriter};
 use super::{needs_chunked_framing, reject, respond_streamed, ExportLog, Exporter};
-use crate::cache::CacheScope;
+use crate::cache::{CacheScope, RecordCache};
 use crate::codec::json::{JsonConverter, JsonStyle};
 use crate::collection::{encode_component, Collection};
 use crate::config::ExportConfig;
 use crate::upstream::Credentials;
 use flate2::{Compress, Compression, Crc, FlushCompress, Status};
-use futures::stream::{self, StreamExt};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use pingora::proxy::Session;
 use std::collections::HashMap;
@@ -154,17 +154,8 @@ impl ZipExport {
 
     async fn run(self, tx: mpsc::Sender<BodyEvent>) -> Result<u64, Stop> {
         let ZipExport { source, attachments, coding } = self;
-        let ExportSource {
-            upstream,
-            cache,
-            collection,
-            credentials,
-            items,
-            written,
-            concurrency,
-            config,
-            ..
-        } = source;
+        let ExportSource { upstream, cache, collection, credentials, items, written, window, config, .. } =
+            source;
         let scope = CacheScope::new(&collection);
         let mut out = ArchiveOutput::new(tx, coding, &config);
         let attachments = attachments.then(|| {
@@ -183,7 +174,7 @@ impl ZipExport {
             attachments,
         };
         // A full export (no `since`) has no tombstones.
-        let listed = items.into_iter().filter_map(|item| match item {
+        let mut listed = items.into_iter().filter_map(|item| match item {
             ExportItem::Record(entry) => Some(entry),
             ExportItem::Tombstone(_) => None,
         });
@@ -194,25 +185,19 @@ impl ZipExport {
             collection: &collection,
             credentials: &credentials,
         };
-        let mut fetches = stream::iter(listed).map(|entry| source.fetch(entry)).buffered(concurrency);
+        let mut fetches = InOrder::new(window);
+        let mut next_step = || {
+            listed.next().map(|entry| match source.cached(entry) {
+                Ok(hit) => Step::Ready(hit),
+                Err(key) => Step::Fetch(source.from_upstream(key)),
+            })
+        };
         let mut records = 0;
-        while let Some(fetched) = out.chunks.next_or_flush(&mut fetches).await? {
-            match fetched {
-                fetch::Fetched::Cached(key, cached) => entries.write(&mut out, &key.id, &cached.cbor)?,
-                fetch::Fetched::Fetched(mut key, Ok(Some(record))) => {
-                    entries.write(&mut out, &key.id, &record.value)?;
-                    key.answered_as(record.version);
-                    cache.insert(key, record.value, || None);
-                }
-                // Deleted between the listing and its fetch: left out, as in record exports.
-                fetch::Fetched::Fetched(_, Ok(None)) => continue,
-                fetch::Fetched::Fetched(key, Err(e)) => {
-                    tracing::warn!(collection = %collection, record = %key.id, error = %e, "record fetch failed");
-                    return Err(Stop::failed(Some(&key.id), e.to_string()));
-                }
+        while let Some(fetched) = out.chunks.next_item(&mut fetches, &mut next_step).await? {
+            if entries.write_fetched(&mut out, fetched, &cache)? {
+                records += 1;
+                written.store(records, Ordering::Relaxed);
             }
-            records += 1;
-            written.store(records, Ordering::Relaxed);
             out.chunks.send_if_full().await?;
         }
         if let Some((prefetcher, links)) = entries.attachments.take() {
@@ -236,6 +221,30 @@ struct RecordEntries<'c> {
 impl RecordEntries<'_> {
     /// Writes `json/{stem}.json` and `cbor/{stem}.cbor`; a value that is not valid CBOR (or
     /// cannot be an entry) stops the export, naming the record.
+    /// Writes a looked-up record and keeps a fetched one in the cache; false when the record
+    /// was deleted between the listing and its fetch (left out, as in record exports).
+    fn write_fetched(
+        &mut self,
+        out: &mut ArchiveOutput,
+        fetched: fetch::Fetched,
+        cache: &RecordCache,
+    ) -> Result<bool, Stop> {
+        match fetched {
+            fetch::Fetched::Cached(key, cached) => self.write(out, &key.id, &cached.cbor)?,
+            fetch::Fetched::Fetched(mut key, Ok(Some(record))) => {
+                self.write(out, &key.id, &record.value)?;
+                key.answered_as(record.version);
+                cache.insert(key, record.value, || None);
+            }
+            fetch::Fetched::Fetched(_, Ok(None)) => return Ok(false),
+            fetch::Fetched::Fetched(key, Err(e)) => {
+                tracing::warn!(collection = %self.collection, record = %key.id, error = %e, "record fetch failed");
+                return Err(Stop::failed(Some(&key.id), e.to_string()));
+            }
+        }
+        Ok(true)
+    }
+
     fn write(&mut self, out: &mut ArchiveOutput, id: &str, value: &[u8]) -> Result<(), Stop> {
         self.json.clear();
         if let Err(e) = self.converter.convert(value, JsonStyle::Pretty, &mut self.json) {

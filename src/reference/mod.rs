@@ -10,6 +10,7 @@
 //! - `webhook`: outgoing, optionally signed change webhooks.
 //! - `seed`: the deterministic demo data.
 
+mod capacity;
 mod debug;
 mod fault;
 mod routes;
@@ -29,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+pub use capacity::{Capacity, CapacityStats};
 pub use debug::pattern_byte;
 pub use fault::RecordFault;
 pub use seed::{seed_demo, SplitMix64, DEMO_TOKEN};

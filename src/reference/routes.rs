@@ -163,6 +163,11 @@ async fn faulty_listing(app: &App, c: &CollectionId, fault: RecordFault) -> Resu
 /// U2: the stored bytes verbatim as CBOR (or a JSON view), with the record's `X-Version`;
 /// an injected fault for the record changes the answer.
 async fn record(app: &App, c: &CollectionId, id: &str, headers: &HeaderMap) -> Result<Response, RouteError> {
+    if let Some(capacity) = app.store.capacity() {
+        if !capacity.serve(&app.stop).await {
+            return Err(RouteError::Stopping);
+        }
+    }
     let fault = app.store.fault(c, id);
     match fault {
         Some(RecordFault::Status(code)) => return Ok(injected_status(code)),

@@ -10,6 +10,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::capacity::Capacity;
 use super::fault::RecordFault;
 use super::value;
 use super::webhook::ChangeNotice;
@@ -103,6 +104,8 @@ struct State {
     faults: HashMap<(CollectionId, String), RecordFault>,
     /// Test hooks: collections whose U1 misbehaves on purpose.
     listing_faults: HashMap<CollectionId, RecordFault>,
+    /// Slots every record answer queues for, when the server's capacity is limited.
+    capacity: Option<Arc<Capacity>>,
     /// Test hooks: collections whose U1 is delayed on purpose.
     listing_delays: HashMap<CollectionId, std::time::Duration>,
 }
@@ -243,6 +246,16 @@ impl Store {
             Some(delay) => state.listing_delays.insert(c.clone(), delay),
             None => state.listing_delays.remove(c),
         };
+    }
+
+    /// Test hook: every record answer (U2) from now on queues for one of `capacity`'s slots
+    /// (`None` lifts the limit); keep the `Arc` to read its queue's stats.
+    pub fn limit_capacity(&self, capacity: Option<Arc<Capacity>>) {
+        self.lock().capacity = capacity;
+    }
+
+    pub(super) fn capacity(&self) -> Option<Arc<Capacity>> {
+        self.lock().capacity.clone()
     }
 
     /// Test hook: makes every U1 of the collection misbehave (`None` clears the fault), so tests
