@@ -32,6 +32,7 @@ pub struct UpstreamConfig {
     pub concurrency: usize,
     /// Start each export with a few fetches and keep as many in flight as the dataset server
     /// answers without its latency climbing (up to `concurrency`); false keeps `concurrency`.
+    /// See `export::window` for how.
     pub adaptive_concurrency: bool,
     /// Longest wait for a TCP connection to the dataset server.
     pub connect_timeout_ms: u64,

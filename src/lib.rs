@@ -12,8 +12,8 @@
 //! - [`admin`]: the internal listener (webhooks, health, readiness, metrics).
 //! - [`readiness`]: what `/readyz` checks (listener, dataset server, journal, draining).
 //! - [`export`]: the export API: routing, sync planning, the record and zip pipelines
-//!   (chunks, encoders, content coding, the zip writer, attachment spooling), event streams,
-//!   and the cap on exports running at once.
+//!   (the fetch window adapted to upstream latency, chunks, encoders, content coding, the zip
+//!   writer, attachment spooling), event streams, and the cap on exports running at once.
 //! - [`upstream`]: the dataset-server client (listing, records), credentials forwarded.
 //! - [`cache`]: record values by (collection, recordID, version), so repeated exports skip U2.
 //! - [`journal`]: the SQLite version journal behind pull-sync (`after=` / `at=`).

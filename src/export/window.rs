@@ -10,9 +10,10 @@ const START: f64 = 4.0;
 const RECENT_WEIGHT: f64 = 0.1;
 /// Fetches averaged before the baseline is first taken; the first ones also open connections.
 const WARM_UP: u64 = 10;
-/// Recent latency up to this multiple of the baseline counts as an idle server: latencies on
-/// loopback are a fraction of a millisecond and jitter by about that much.
-const TOLERANCE: f64 = 2.0;
+/// Recent latency up to this multiple of the baseline counts as a server that keeps up. On a
+/// shared machine, loopback latency doubles from 4 to 32 fetches in flight while throughput
+/// still rises; with 2 here the window hovered near 15 and cold JSON exports lost 15 %.
+const TOLERANCE: f64 = 3.0;
 /// Fetches added to the window's target on every answer: with the gradient at 1 the window
 /// grows by `SMOOTHING × GROWTH` per fetch, from `START` to 32 in about 140 fetches.
 const GROWTH: f64 = 1.0;
@@ -52,7 +53,7 @@ impl FetchWindow {
     /// latency is within `TOLERANCE` of the baseline and down to ½ as it exceeds it: a server
     /// that keeps up lets the window grow to the maximum; one that queues gets fewer fetches
     /// until its latency comes back down. A server working on `k` records at once settles at
-    /// about `2 × max(k, START) + GROWTH` fetches.
+    /// about `TOLERANCE × max(k, START) + GROWTH` fetches.
     pub fn record(&mut self, latency: Duration) {
         if !self.adaptive {
             return;
@@ -121,22 +122,32 @@ mod tests {
         assert_eq!(window.size(), 32);
     }
 
+    /// What loopback on a shared two-core machine looked like in `bench exports`: latency
+    /// doubles between 4 and 32 fetches in flight, yet throughput (window ÷ latency) still
+    /// rises all the way, so the window must not stop halfway.
+    #[test]
+    fn latency_that_rises_slower_than_the_window_keeps_it_whole() {
+        let mut window = FetchWindow::new(32, true);
+        run(&mut window, 2000, |w| Duration::from_secs_f64(60e-6 * (1.0 + w.size / 32.0)));
+        assert_eq!(window.size(), 32);
+    }
+
     #[test]
     fn a_saturated_server_gets_a_window_near_its_capacity() {
         let mut window = FetchWindow::new(32, true);
         run(&mut window, 5000, |w| saturated(w, 4.0, 0.002));
         let size = window.size();
-        assert!((4..=12).contains(&size), "window {size} for a server working on 4 at once");
+        assert!((4..=16).contains(&size), "window {size} for a server working on 4 at once");
         run(&mut window, 20_000, |w| saturated(w, 4.0, 0.002));
         let later = window.size();
-        assert!((4..=12).contains(&later), "window crept from {size} to {later} while saturated");
+        assert!((4..=16).contains(&later), "window crept from {size} to {later} while saturated");
     }
 
     #[test]
     fn the_window_grows_back_when_latency_recovers() {
         let mut window = FetchWindow::new(32, true);
         run(&mut window, 2000, |w| saturated(w, 2.0, 0.002));
-        assert!(window.size() < 10, "window {} while saturated", window.size());
+        assert!(window.size() < 16, "window {} while saturated", window.size());
         run(&mut window, 200, |_| Duration::from_millis(2));
         assert_eq!(window.size(), 32);
     }
