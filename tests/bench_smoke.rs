@@ -37,8 +37,17 @@ fn bench_exports_runs_at_a_smoke_size_and_writes_every_figure() {
         "4",
         "--rss-records",
         "600",
+        "--saturated-records",
+        "200",
     ]);
-    for table in ["Exports", "CBOR → JSON", "Zip with attachments", "Pass-through", "Peak RSS"] {
+    for table in [
+        "Exports",
+        "working on 4 records at once",
+        "CBOR → JSON",
+        "Zip with attachments",
+        "Pass-through",
+        "Peak RSS",
+    ] {
         assert!(stdout.contains(table), "table {table} printed:\n{stdout}");
     }
     for encoding in ["cbor", "json", "json-lines"] {
@@ -49,6 +58,11 @@ fn bench_exports_runs_at_a_smoke_size_and_writes_every_figure() {
         }
     }
     assert!(results["direct"]["records_per_second"].as_f64().is_some_and(|r| r > 0.0));
+    for window in ["adaptive", "fixed"] {
+        let figures = &results["saturated"]["windows"][window];
+        assert!(figures["records_per_second"].as_f64().is_some_and(|r| r > 0.0), "{window}");
+        assert!(figures["most_waiting"].as_u64().is_some(), "{window}");
+    }
     assert!(results["zip"]["bytes"].as_u64().is_some_and(|b| b > 2 << 20), "two 1 MiB attachments");
     for target in ["direct to the upstream", "through export-sidecar", "bare pingora proxy"] {
         let rounds = results["passthrough"]["targets"][target].as_array().expect(target);

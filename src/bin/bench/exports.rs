@@ -6,6 +6,7 @@ use crate::harness::{cell, median, write_json, SidecarProcess, Table};
 use crate::load::{self, LoadResult};
 use crate::passthrough::{self, Target};
 use crate::proxies::ProxyProcess;
+use crate::saturated;
 use export_sidecar::codec::json::{JsonConverter, JsonStyle};
 use export_sidecar::reference::{attachment_link, CollectionId, ReferenceConfig, ReferenceServer};
 use export_sidecar::upstream::{parse_listing, ListingEntry};
@@ -43,7 +44,11 @@ pub struct ExportArgs {
     /// collection in both its CBOR and JSON forms, which is what "warm" means.
     #[arg(long, default_value_t = 1 << 30)]
     cache_bytes: u64,
-    /// Measurements to leave out: any of conversion, zip, passthrough, rss.
+    /// Records exported from a dataset server working on few records at once, with the
+    /// adaptive and with a fixed fetch window.
+    #[arg(long, default_value_t = 10_000)]
+    saturated_records: usize,
+    /// Measurements to leave out: any of saturated, conversion, zip, passthrough, rss.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<Part>,
     /// Records in the collection whose json-lines export's peak RSS is measured; 0 skips it.
@@ -71,6 +76,7 @@ fn positive_seconds(value: &str) -> Result<f64, String> {
 /// The measurements after the export table, each of which can be skipped.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Part {
+    Saturated,
     Conversion,
     Zip,
     Passthrough,
@@ -81,14 +87,14 @@ const ENCODINGS: [&str; 3] = ["cbor", "json", "json-lines"];
 
 /// One timed transfer.
 #[derive(Clone, Copy)]
-struct Transfer {
+pub struct Transfer {
     records: usize,
     bytes: u64,
     seconds: f64,
 }
 
 impl Transfer {
-    fn records_per_second(&self) -> f64 {
+    pub fn records_per_second(&self) -> f64 {
         self.records as f64 / self.seconds
     }
 
@@ -123,7 +129,7 @@ pub async fn exports(args: ExportArgs) -> Result<(), String> {
     let client =
         reqwest::Client::builder().pool_max_idle_per_host(1024).build().map_err(|e| e.to_string())?;
     println!(
-        "{} records of ~{} bytes, {concurrency} fetches in flight, record cache of {} MB, median of {} runs",
+        "{} records of ~{} bytes, up to {concurrency} fetches in flight, record cache of {} MB, median of {} runs",
         args.records,
         args.record_bytes,
         args.cache_bytes / 1_000_000,
@@ -132,6 +138,13 @@ pub async fn exports(args: ExportArgs) -> Result<(), String> {
 
     let (direct, runs) = cold_and_warm(&args, &client, &reference, &journal).await?;
     let wanted = |part: Part| !args.skip.contains(&part);
+    let saturated = match wanted(Part::Saturated) {
+        true => Some(
+            saturated::measure(&client, &reference, args.saturated_records, args.record_bytes, dir.path())
+                .await?,
+        ),
+        false => None,
+    };
     let conversion = wanted(Part::Conversion).then(|| conversion(&reference, &data));
     let zip = match wanted(Part::Zip) {
         true => Some(zip(&args, &client, &reference, &journal).await?),
@@ -157,6 +170,7 @@ pub async fn exports(args: ExportArgs) -> Result<(), String> {
             (e.to_string(), figures)
         }).collect::<serde_json::Map<_, _>>(),
         "cache_bytes": args.cache_bytes,
+        "saturated": saturated.as_ref().map(|s| &s.1),
         "conversion": conversion.as_ref().map(|c| &c.1),
         "zip": zip.map(|z| z.json()),
         "passthrough": passthrough.as_ref().map(|p| &p.1),
@@ -164,6 +178,9 @@ pub async fn exports(args: ExportArgs) -> Result<(), String> {
     });
     export_table(direct, &runs)
         .print("Exports (records/s and output MB/s; ratios: cold to direct, warm to cold)");
+    if let Some((table, _)) = saturated {
+        table.print(&saturated::title());
+    }
     if let Some((table, _)) = conversion {
         table.print("CBOR → JSON conversion of the same records, in memory");
     }
@@ -179,7 +196,7 @@ pub async fn exports(args: ExportArgs) -> Result<(), String> {
     write_json(&args.json, &results)
 }
 
-fn seed(reference: &ReferenceServer, collection: &CollectionId, records: usize, size: usize) {
+pub fn seed(reference: &ReferenceServer, collection: &CollectionId, records: usize, size: usize) {
     let values = (0..records).map(|i| (dataset::record_id(i), Some(dataset::record(i, size)))).collect();
     reference.store().write(collection, values);
 }
@@ -229,7 +246,7 @@ async fn listing(client: &reqwest::Client, url: &str) -> Result<Vec<ListingEntry
 }
 
 /// One export through the sidecar, body counted and dropped.
-async fn export(client: &reqwest::Client, url: &str, records: usize) -> Result<Transfer, String> {
+pub async fn export(client: &reqwest::Client, url: &str, records: usize) -> Result<Transfer, String> {
     let started = Instant::now();
     let response = client.get(url).send().await.map_err(|e| e.to_string())?;
     if !response.status().is_success() {

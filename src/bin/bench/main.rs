@@ -8,6 +8,7 @@ mod harness;
 mod load;
 mod passthrough;
 mod proxies;
+mod saturated;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
