@@ -16,7 +16,6 @@ const SERVICE: Duration = Duration::from_millis(1);
 /// Exports `records` records as json-lines (record cache off) through a sidecar with each kind
 /// of window while the reference server's capacity is limited; lifts the limit afterwards.
 pub async fn measure(
-    client: &reqwest::Client,
     reference: &ReferenceServer,
     records: usize,
     record_bytes: usize,
@@ -36,8 +35,7 @@ pub async fn measure(
                 .await?;
         let capacity = Arc::new(Capacity::new(SLOTS, SERVICE));
         reference.store().limit_capacity(Some(Arc::clone(&capacity)));
-        let run =
-            export(client, &sidecar.url("/export/datasets/bench:busy?encoding=json-lines"), records).await;
+        let run = export(&sidecar.url("/export/datasets/bench:busy?encoding=json-lines"), records).await;
         reference.store().limit_capacity(None);
         let (run, stats) = (run?, capacity.stats());
         rows.push(row(name, &run, &stats));
