@@ -185,7 +185,18 @@ struct QueryParams {
 }
 
 impl QueryParams {
+    const KEYS: [&'static str; 4] = ["encoding", "after", "at", "attachments"];
+
     fn parse(query: &str) -> Result<QueryParams, ApiError> {
+        // Decoding passes a stray `%` through, which would turn `after=%ZZ` into an unknown
+        // version (410, "re-sync") instead of the client's mistake.
+        for pair in query.split('&') {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if Self::KEYS.contains(&key) && !well_formed_escapes(value) {
+                let message = format!("`{key}` has a malformed %-escape: write a literal % as %25");
+                return Err(ApiError::bad_request(message));
+            }
+        }
         let mut params = QueryParams::default();
         for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
             let slot = match key.as_ref() {
@@ -293,12 +304,22 @@ mod tests {
         assert_eq!(status("/export/datasets/a:b", "encoding=json&after=1&at=2"), 400);
         assert_eq!(status("/export/datasets/a:b", "encoding=json&encoding=cbor"), 400);
         assert_eq!(status("/export/datasets/a:b%zz", "encoding=json"), 400);
+        assert_eq!(status("/export/datasets/a:b", "encoding=json&after=%ZZ"), 400);
+        assert_eq!(status("/export/datasets/a:b", "encoding=json&at=5%"), 400);
+        assert_eq!(status("/export/datasets/a:b", "encoding=js%6"), 400);
         assert_eq!(status("/export/datasets/a:b%00", "encoding=json"), 400);
         assert_eq!(status("/export/datasets/a:b%ff", "encoding=json"), 400);
         assert_eq!(status("/export/datasets/a:b/c/d", "encoding=json"), 404);
         assert_eq!(status("/export/datasets/a:b/other", ""), 404);
         assert_eq!(status("/export/datasets/a:b/zip", "after=3"), 400);
         assert_eq!(status("/export/datasets/a:b/event-stream", "at=3"), 400);
+    }
+
+    #[test]
+    fn sync_versions_are_decoded_and_other_parameters_ignored() {
+        let kind = records("/export/datasets/a:b", "encoding=json&after=v%2F7&_=50%off").expect("valid").kind;
+        let since = Some(Since::After("v/7".into()));
+        assert_eq!(kind, ExportKind::Records { encoding: Encoding::Json, since });
     }
 
     #[test]
