@@ -366,8 +366,17 @@ impl UpstreamConfig {
                 ),
             ));
         }
-        if url.path() != "/" || url.query().is_some() {
+        if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
             return Err(invalid("upstream.url", "must be scheme://host[:port] with no path or query"));
+        }
+        // Credentials here would be logged with the URL, and are never what requests carry:
+        // each caller's own go upstream, and the sidecar's reads use its own setting.
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(invalid(
+                "upstream.url",
+                "must not hold a user or password: callers' credentials are forwarded, and \
+                 changes.upstream_authorization is what the sidecar's own reads send",
+            ));
         }
         let host = url.host_str().ok_or_else(|| invalid("upstream.url", "has no host"))?.to_owned();
         let port = url.port_or_known_default().unwrap_or(80);
@@ -437,6 +446,18 @@ mod tests {
         config.upstream.url = "http://127.0.0.1:3000/base".into();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("upstream.url"), "{err}");
+    }
+
+    #[test]
+    fn upstream_url_holds_no_credentials_fragment_or_path() {
+        for url in ["http://u:p@127.0.0.1:3000", "http://u@127.0.0.1:3000", "http://127.0.0.1:3000/#x"] {
+            let upstream = UpstreamConfig { url: url.into(), ..UpstreamConfig::default() };
+            let err = upstream.target().unwrap_err().to_string();
+            assert!(err.contains("upstream.url"), "{url}: {err}");
+            assert!(!err.contains(":p@"), "{url}: the password is not echoed: {err}");
+        }
+        let upstream = UpstreamConfig { url: "http://127.0.0.1:3000".into(), ..UpstreamConfig::default() };
+        assert_eq!(upstream.target().expect("valid").base, "http://127.0.0.1:3000");
     }
 
     #[test]
