@@ -171,6 +171,7 @@ fn demo(args: DemoArgs) -> Result<(), String> {
     let journal_dir = demo_journal_dir()?;
     config.journal.path = journal_dir.path().join("journal.sqlite");
     config.validate().map_err(|e| e.to_string())?;
+    server::check_listeners(&config).map_err(|e| e.to_string())?;
     // Seeded once the sidecar listens, so the seed's webhooks reach it.
     let store = reference.store().clone();
     runtime.spawn(async move {

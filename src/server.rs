@@ -107,6 +107,13 @@ pub fn build(config: &Config, in_flight: &InFlight, draining: &Draining) -> Resu
     Ok(server)
 }
 
+/// Both listen addresses can be bound now. pingora retries a busy address forever; an operator
+/// wants to hear about it at once (and the demo before it prints where to connect).
+pub fn check_listeners(config: &Config) -> Result<(), ConfigError> {
+    check_free("listen.public", config.listen.public)?;
+    check_free("listen.internal", config.listen.internal)
+}
+
 fn check_free(key: &'static str, addr: std::net::SocketAddr) -> Result<(), ConfigError> {
     std::net::TcpListener::bind(addr)
         .map(drop)
@@ -124,9 +131,7 @@ fn service_credentials(config: &Config) -> Credentials {
 
 /// Runs until SIGTERM (graceful) or SIGINT (immediate).
 pub fn run(config: &Config) -> Result<(), ConfigError> {
-    // pingora retries a busy address forever; an operator wants to hear about it at once.
-    check_free("listen.public", config.listen.public)?;
-    check_free("listen.internal", config.listen.internal)?;
+    check_listeners(config)?;
     let (in_flight, draining) = (InFlight::default(), Draining::default());
     let server = build(config, &in_flight, &draining)?;
     tracing::info!(

@@ -136,6 +136,10 @@ async fn the_demo_serves_its_sample_collections() {
     let mut clash = start_demo(public, internal);
     let clash_exit = clash.0.wait().expect("the clashing demo exits");
     assert!(!clash_exit.success(), "a demo on busy ports fails");
+    let mut printed = String::new();
+    let stdout = clash.0.stdout.take().expect("stdout piped");
+    std::io::Read::read_to_string(&mut { stdout }, &mut printed).expect("stdout readable");
+    assert!(!printed.contains("Try:"), "a demo that cannot listen prints no commands to try:\n{printed}");
     let ready = client.get(format!("http://{internal}/readyz")).send().await.expect("sent");
     assert_eq!(ready.status(), 200, "{}", ready.text().await.unwrap_or_default());
 
