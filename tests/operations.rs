@@ -167,6 +167,19 @@ async fn readyz_fails_while_the_journal_cannot_be_written() {
     let report = readyz_becomes(&sidecar, 503).await;
     assert!(report["checks"]["journal"].as_str().is_some_and(|s| s.contains("write lock")), "{report}");
     assert_eq!(report["checks"]["upstream"], "ok");
+    // Exports and event streams that need a new version are told to come back.
+    reference.store().write(&collection("datasets", "a", "locked"), numbered(2));
+    let client = common::client();
+    let export = client.get(sidecar.url("/export/datasets/a:locked?encoding=json")).send();
+    let stream = client.get(sidecar.url("/export/datasets/a:locked/event-stream")).send();
+    let (export, stream) = tokio::join!(export, stream);
+    for refused in [export, stream] {
+        let refused = refused.expect("answered");
+        let retry_after = refused.headers().get("retry-after").map(|v| v.to_str().unwrap_or("").to_owned());
+        assert_eq!(retry_after.as_deref(), Some("5"), "{:?}", refused.url().path());
+        let (status, code, _) = error_body(refused).await;
+        assert_eq!((status, code.as_str()), (503, "journal_unavailable"));
+    }
     other.execute_batch("ROLLBACK").expect("release it");
     readyz_becomes(&sidecar, 200).await;
 

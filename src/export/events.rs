@@ -96,8 +96,7 @@ impl Exporter {
             Ok(recorded) => recorded,
             Err(e) => {
                 tracing::error!(collection = %collection, error = %e, "version journal failed");
-                let message = "the version journal cannot be used; try again";
-                return Opening::Refused(ApiError::new(503, "journal_unavailable", message));
+                return Opening::Refused(super::plan::journal_unavailable());
             }
         };
         let ids = listing.entries.into_iter().map(|e| e.id).collect();

@@ -107,7 +107,8 @@ async fn blocking<T: Send + 'static>(
     })
 }
 
-fn journal_unavailable() -> ApiError {
+/// The answer when the journal fails: the sidecar's fault, and usually brief (a locked file).
+pub fn journal_unavailable() -> ApiError {
     ApiError::new(503, "journal_unavailable", "the version journal cannot be used right now; try again later")
         .with_header("retry-after", "5")
 }
