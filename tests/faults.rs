@@ -4,7 +4,7 @@
 mod common;
 
 use ciborium::Value;
-use common::{cbor, collection, error_body, free_port, start_with_config, Sidecar, Stack};
+use common::{cbor, collection, dead_address, error_body, start_with_config, Sidecar, Stack};
 use export_sidecar::reference::{Capacity, CapacityStats, RecordFault};
 use futures::StreamExt;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ fn numbered(n: usize) -> Vec<(String, Option<bytes::Bytes>)> {
 
 #[tokio::test]
 async fn upstream_down_gives_502_json_and_the_sidecar_keeps_serving() {
-    let dead = free_port();
+    let (dead, _held) = dead_address();
     let sidecar = Sidecar::start(&format!("http://{dead}")).await;
     let client = common::client();
     for _ in 0..2 {

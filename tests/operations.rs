@@ -5,7 +5,8 @@ mod common;
 
 use ciborium::Value;
 use common::{
-    cbor, collection, config_file, error_body, free_port, metric, numbered, start_with_config, Sidecar, Stack,
+    cbor, collection, config_file, dead_address, error_body, free_port, metric, numbered, start_with_config,
+    Sidecar, Stack,
 };
 use export_sidecar::reference::{RecordFault, ReferenceConfig, ReferenceServer};
 use futures::StreamExt;
@@ -89,7 +90,7 @@ async fn environment_overrides_the_config_file_and_flags_override_the_environmen
         .await
         .expect("reference starts");
     reference.store().write(&collection("datasets", "a", "env"), numbered(4));
-    let dead = free_port();
+    let (dead, _held) = dead_address();
     let (from_file, from_env) = ((free_port(), free_port()), (free_port(), free_port()));
     let (config_dir, path) = config_file(&format!(
         "[upstream]\nurl = \"http://{dead}\"\n[listen]\npublic = \"{}\"\ninternal = \"{}\"\n",

@@ -164,6 +164,14 @@ struct Ports<'a> {
     journal: Option<&'a Path>,
 }
 
+/// An address where connections are refused for as long as the returned socket lives: it is
+/// bound but not listening, so no other test can take the port in the meantime.
+pub fn dead_address() -> (SocketAddr, tokio::net::TcpSocket) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind an ephemeral port");
+    (socket.local_addr().expect("local addr"), socket)
+}
+
 /// A port that was free a moment ago (the sidecar binds it next; start-up retries on a race).
 pub fn free_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
