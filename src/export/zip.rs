@@ -219,8 +219,6 @@ struct RecordEntries<'c> {
 }
 
 impl RecordEntries<'_> {
-    /// Writes `json/{stem}.json` and `cbor/{stem}.cbor`; a value that is not valid CBOR (or
-    /// cannot be an entry) stops the export, naming the record.
     /// Writes a looked-up record and keeps a fetched one in the cache; false when the record
     /// was deleted between the listing and its fetch (left out, as in record exports).
     fn write_fetched(
@@ -245,6 +243,8 @@ impl RecordEntries<'_> {
         Ok(true)
     }
 
+    /// Writes `json/{stem}.json` and `cbor/{stem}.cbor`; a value that is not valid CBOR (or
+    /// cannot be an entry) stops the export, naming the record.
     fn write(&mut self, out: &mut ArchiveOutput, id: &str, value: &[u8]) -> Result<(), Stop> {
         self.json.clear();
         if let Err(e) = self.converter.convert(value, JsonStyle::Pretty, &mut self.json) {
