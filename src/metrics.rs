@@ -28,6 +28,9 @@ pub struct Metrics {
     /// Requests to the dataset server, from sending to the response head, by request
     /// (`listing`, `record`, `attachment`).
     pub upstream_latency: HistogramVec,
+    /// The fetch window of record and zip exports, observed at every record fetched: well
+    /// below `upstream.concurrency`, the dataset server is queueing (`upstream.adaptive_concurrency`).
+    pub fetch_window: Histogram,
     /// Failed requests to the dataset server by request and kind (`connect`, `connect_timeout`,
     /// `first_byte_timeout`, `idle_timeout`, `status`, `protocol`, `too_large`). Refusals
     /// (401, 403, 404) are the client's business and not counted.
@@ -65,6 +68,8 @@ pub fn get() -> &'static Metrics {
 /// Seconds, for latencies of single requests and events.
 const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Fetches in flight, up to `upstream.concurrency`'s maximum.
+const WINDOW_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0];
 /// Seconds, for whole exports: from a small collection to an hour-long archive.
 const EXPORT_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
 
@@ -93,6 +98,11 @@ impl Metrics {
                 "Dataset server requests, sent to response head",
                 &["request"],
                 LATENCY_BUCKETS,
+            ),
+            fetch_window: r.histogram(
+                "export_fetch_window",
+                "Record fetches an export had in flight, at each record fetched",
+                WINDOW_BUCKETS,
             ),
             upstream_errors: r.counter_vec(
                 "upstream_errors_total",

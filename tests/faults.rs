@@ -4,7 +4,7 @@
 mod common;
 
 use ciborium::Value;
-use common::{cbor, collection, dead_address, error_body, start_with_config, Sidecar, Stack};
+use common::{cbor, collection, dead_address, error_body, metric, start_with_config, Sidecar, Stack};
 use export_sidecar::reference::{Capacity, CapacityStats, RecordFault};
 use futures::StreamExt;
 use std::sync::Arc;
@@ -184,8 +184,8 @@ async fn credentials_are_forwarded_and_enforced() {
 
 /// Exports 300 records, as json-lines and as a zip (the record cache is off, so both fetch
 /// them), from a dataset server that works on two records at once for 5 ms each, and returns
-/// how its queue for those two slots looked.
-async fn export_from_a_saturated_server(stack: &Stack) -> CapacityStats {
+/// how its queue for those two slots looked, and the sidecar's mean fetch window.
+async fn export_from_a_saturated_server(stack: &Stack) -> (CapacityStats, f64) {
     let c = collection("datasets", "a", "busy");
     stack.store().write(&c, numbered(300));
     let capacity = Arc::new(Capacity::new(2, Duration::from_millis(5)));
@@ -198,18 +198,27 @@ async fn export_from_a_saturated_server(stack: &Stack) -> CapacityStats {
     let zip = stack.get("/export/datasets/a:busy/zip").await;
     assert_eq!(zip.status(), 200);
     assert!(!zip.bytes().await.expect("the whole archive").is_empty());
-    capacity.stats()
+    let window = |part: &'static str| metric(&stack.sidecar, part);
+    let (sum, count) = (
+        window("export_sidecar_export_fetch_window_sum"),
+        window("export_sidecar_export_fetch_window_count"),
+    );
+    let (sum, count) = (sum.await.expect("window sum"), count.await.expect("window count"));
+    assert_eq!(count, 600.0, "one window observation per record fetched");
+    (capacity.stats(), sum / count)
 }
 
 #[tokio::test]
 async fn a_saturated_dataset_server_gets_a_short_queue_not_every_fetch_at_once() {
     let (_dir, adaptive) = start_with_config("[cache]\nmax_bytes = 0\n").await;
-    let adaptive = export_from_a_saturated_server(&adaptive).await;
+    let (adaptive, adaptive_window) = export_from_a_saturated_server(&adaptive).await;
     let (_dir, fixed) =
         start_with_config("[cache]\nmax_bytes = 0\n[upstream]\nadaptive_concurrency = false\n").await;
-    let fixed = export_from_a_saturated_server(&fixed).await;
+    let (fixed, fixed_window) = export_from_a_saturated_server(&fixed).await;
     assert_eq!((adaptive.served, fixed.served), (600, 600), "every record fetched for both exports");
     assert!(fixed.most_waiting >= 24, "a fixed window queues nearly all 32 fetches: {fixed:?}");
     assert!(adaptive.most_waiting <= 20, "the adaptive window kept the queue short: {adaptive:?}");
     assert!(adaptive.mean_wait < fixed.mean_wait, "shorter waits: {adaptive:?} against {fixed:?}");
+    assert_eq!(fixed_window, 32.0, "the fixed window is upstream.concurrency");
+    assert!(adaptive_window < 24.0, "/metrics shows the window the server got: {adaptive_window}");
 }

@@ -2,6 +2,7 @@
 //! (a cache hit, a tombstone) skips the future machinery whenever nothing is queued ahead of it.
 
 use super::window::FetchWindow;
+use crate::metrics;
 use futures::future::{self, Either};
 use futures::stream::{FuturesOrdered, Stream, StreamExt};
 use pin_project_lite::pin_project;
@@ -57,6 +58,7 @@ impl<T: Unpin, F: Future<Output = T>> Stream for InOrder<T, F> {
         };
         if let Some(latency) = latency {
             this.window.record(latency);
+            metrics::get().fetch_window.observe(this.window.size() as f64);
         }
         Poll::Ready(Some(item))
     }
