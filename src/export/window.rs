@@ -123,12 +123,12 @@ mod tests {
     }
 
     /// What loopback on a shared two-core machine looked like in `bench exports`: latency
-    /// doubles between 4 and 32 fetches in flight, yet throughput (window ÷ latency) still
-    /// rises all the way, so the window must not stop halfway.
+    /// rises about 2.4 times between 4 and 32 fetches in flight, yet throughput (window ÷
+    /// latency) still rises all the way, so the window must not stop halfway.
     #[test]
     fn latency_that_rises_slower_than_the_window_keeps_it_whole() {
         let mut window = FetchWindow::new(32, true);
-        run(&mut window, 2000, |w| Duration::from_secs_f64(60e-6 * (1.0 + w.size / 32.0)));
+        run(&mut window, 2000, |w| Duration::from_secs_f64(60e-6 * (1.0 + w.size / 16.0)));
         assert_eq!(window.size(), 32);
     }
 
