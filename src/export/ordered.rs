@@ -67,7 +67,7 @@ impl<T: Unpin, F: Future<Output = T>> Stream for InOrder<T, F> {
 pin_project! {
     /// A fetch that reports how long it took from its first poll, so time spent queued behind
     /// a slow client is not taken for the dataset server's latency.
-    pub struct Timed<F> {
+    struct Timed<F> {
         #[pin]
         fetch: F,
         started: Option<Instant>,

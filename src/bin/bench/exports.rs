@@ -13,7 +13,6 @@ use export_sidecar::reference::{attachment_link, CollectionId, ReferenceConfig, 
 use export_sidecar::upstream::{parse_listing, ListingEntry};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -255,10 +254,7 @@ pub async fn export(url: &str, records: usize) -> Result<Transfer, String> {
     let started = Instant::now();
     let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
     let authority = uri.authority().ok_or_else(|| format!("{url}: no host"))?.to_string();
-    let stream = tokio::net::TcpStream::connect(&authority).await.map_err(|e| format!("{url}: {e}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
+    let (mut sender, connection) = load::handshake(&authority).await?;
     let request = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
         .header(http::header::HOST, &authority)
         .body(Empty::<Bytes>::new())

@@ -4,6 +4,7 @@
 use crate::harness::percentile;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::{Connection, SendRequest};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -87,11 +88,18 @@ async fn client(addr: SocketAddr, path: String, until: Instant) -> Result<Vec<f6
     Ok(latencies)
 }
 
-async fn connect(addr: SocketAddr) -> Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>, String> {
-    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("{addr}: {e}"))?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+async fn connect(addr: SocketAddr) -> Result<SendRequest<Empty<Bytes>>, String> {
+    let (sender, connection) = handshake(&addr.to_string()).await?;
     tokio::spawn(connection);
     Ok(sender)
+}
+
+/// An HTTP/1.1 client connection to `authority` (`host:port`); the caller drives the
+/// connection half, on a task of its own or beside the requests.
+pub async fn handshake(
+    authority: &str,
+) -> Result<(SendRequest<Empty<Bytes>>, Connection<TokioIo<tokio::net::TcpStream>, Empty<Bytes>>), String> {
+    let stream = tokio::net::TcpStream::connect(authority).await.map_err(|e| format!("{authority}: {e}"))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("{authority}: {e}"))
 }
